@@ -1,0 +1,303 @@
+"""GPT-2 as Flax Linen modules used as pure functions.
+
+Param tree (paths mirror GPT-2's names; the blocks are stacked on a leading layer axis so
+one `nn.scan` runs them and compile time does not grow with depth):
+
+    wte/embedding [V, D]             wpe/embedding [block_size, D]   (learned positions only)
+    h/ln_1/{scale,bias} [L, D]       h/attn/c_attn/{kernel [L, D, 3D], bias [L, 3D]}
+    h/attn/c_proj/...                h/ln_2/...      h/mlp/c_fc/...      h/mlp/c_proj/...
+    ln_f/{scale,bias} [D]            (pre-LN only)   lm_head [D, V]  (untied only)
+
+Kernels are (in, out), the layout of Hugging Face's Conv1D: loading GPT-2 is a rename.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt2jax import positions as pos_lib
+from gpt2jax.config import GPTConfig
+from gpt2jax.kvcache import causal_mask, masked_attention
+
+
+def _dtype(name: str):
+    return jnp.dtype(name)
+
+
+def deepnorm_constants(n_layer: int) -> tuple[float, float]:
+    """DeepNet decoder-only constants: residual scale alpha = (2N)^(1/4), init beta = (8N)^(-1/4)."""
+    return (2 * n_layer) ** 0.25, (8 * n_layer) ** -0.25
+
+
+def _scaled_normal(std: float, value_cols: slice | None = None, value_scale: float = 1.0):
+    """N(0, std) init; optionally multiply the columns `value_cols` by `value_scale`."""
+
+    def init(key, shape, dtype=jnp.float32):
+        w = jax.random.normal(key, shape, jnp.float32) * std
+        if value_cols is not None:
+            w = w.at[..., value_cols].multiply(value_scale)
+        return w.astype(dtype)
+
+    return init
+
+
+class Linear(nn.Module):
+    """y = x @ kernel (+ bias). Kernel (in, out) in param_dtype, matmul in the compute dtype."""
+
+    features: int
+    config: GPTConfig
+    kernel_init: Callable = nn.initializers.normal(0.02)
+    use_bias: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        kernel = self.param(
+            "kernel", self.kernel_init, (x.shape[-1], self.features), _dtype(c.param_dtype)
+        )
+        y = jnp.dot(x.astype(c.dtype), kernel.astype(c.dtype))
+        if self.use_bias and c.bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), c.param_dtype)
+            y = y + bias.astype(c.dtype)
+        return y
+
+
+class Norm(nn.Module):
+    """LayerNorm or RMSNorm, always computed in float32 (bf16 statistics drift)."""
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        x32 = x.astype(jnp.float32)
+        d = x.shape[-1]
+        if c.norm == "layernorm":
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + c.layer_norm_epsilon)
+        y = y * self.param("scale", nn.initializers.ones, (d,), c.param_dtype)
+        if c.norm == "layernorm" and c.bias:
+            y = y + self.param("bias", nn.initializers.zeros, (d,), c.param_dtype)
+        return y.astype(c.dtype)
+
+
+def _residual_init(c: GPTConfig) -> Callable:
+    """Init of the projections that write into the residual stream."""
+    if c.norm_placement == "deepnorm":
+        return _scaled_normal(c.init_std * deepnorm_constants(c.n_layer)[1])
+    return _scaled_normal(c.init_std / math.sqrt(2 * c.n_layer))  # GPT-2 / nanoGPT
+
+
+class Attention(nn.Module):
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTD, positions_BT, layer, cache):
+        c = self.config
+        B, T, D = x_BTD.shape
+        if c.norm_placement == "deepnorm":  # beta scales the value third of c_attn
+            qkv_init = _scaled_normal(c.init_std, slice(2 * D, 3 * D), deepnorm_constants(c.n_layer)[1])
+        else:
+            qkv_init = _scaled_normal(c.init_std)
+        qkv = Linear(3 * D, c, qkv_init, name="c_attn")(x_BTD)
+        q_BTHD, k_BTHD, v_BTHD = (
+            a.reshape(B, T, c.n_head, c.head_dim) for a in jnp.split(qkv, 3, axis=-1)
+        )
+        if c.pos_embedding == "rope":  # q and k only; keys are cached already rotated
+            q_BTHD = pos_lib.apply_rope(q_BTHD, positions_BT, c.rope_base)
+            k_BTHD = pos_lib.apply_rope(k_BTHD, positions_BT, c.rope_base)
+
+        if cache is None:
+            dropout = None
+            if not self.deterministic and c.dropout > 0:
+                dropout = nn.Dropout(c.dropout, deterministic=False)
+            out_BTHD = masked_attention(
+                q_BTHD,
+                k_BTHD.transpose(0, 2, 1, 3),
+                v_BTHD.transpose(0, 2, 1, 3),
+                causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), T),
+                dropout,
+            )
+        else:
+            cache = cache.write(layer, k_BTHD, v_BTHD)
+            out_BTHD = cache.attend(layer, q_BTHD, positions_BT)
+        y = Linear(D, c, _residual_init(c), name="c_proj")(out_BTHD.reshape(B, T, D))
+        return nn.Dropout(c.dropout, deterministic=self.deterministic)(y), cache
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        c = self.config
+        fc_std = c.init_std
+        if c.norm_placement == "deepnorm":
+            fc_std *= deepnorm_constants(c.n_layer)[1]
+        h = Linear(4 * c.n_embd, c, _scaled_normal(fc_std), name="c_fc")(x)
+        h = jax.nn.gelu(h, approximate=True)  # GPT-2's gelu_new (tanh approximation)
+        y = Linear(c.n_embd, c, _residual_init(c), name="c_proj")(h)
+        return nn.Dropout(c.dropout, deterministic=self.deterministic)(y)
+
+
+class Block(nn.Module):
+    """One transformer layer; `__call__` has scan's signature (carry, per-layer input)."""
+
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, carry, layer, positions_BT):
+        x, cache = carry
+        c = self.config
+        attn = Attention(c, self.deterministic, name="attn")
+        mlp = MLP(c, self.deterministic, name="mlp")
+        ln_1, ln_2 = Norm(c, name="ln_1"), Norm(c, name="ln_2")
+        if c.norm_placement == "pre":  # GPT-2: normalize each sublayer's input
+            h, cache = attn(ln_1(x), positions_BT, layer, cache)
+            x = x + h
+            x = x + mlp(ln_2(x))
+        else:  # post-LN normalizes after each residual add; DeepNorm up-weights the residual
+            alpha = deepnorm_constants(c.n_layer)[0] if c.norm_placement == "deepnorm" else 1.0
+            h, cache = attn(x, positions_BT, layer, cache)
+            x = ln_1(alpha * x + h)
+            x = ln_2(alpha * x + mlp(x))
+        return (x, cache), None
+
+
+class GPT(nn.Module):
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, tokens_BT, positions_BT=None, cache=None):
+        c = self.config
+        B, T = tokens_BT.shape
+        if positions_BT is None:
+            start = cache.lengths[:, None] if cache is not None else 0
+            positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32)[None], (B, T))
+
+        wte = nn.Embed(
+            c.vocab_size, c.n_embd, embedding_init=nn.initializers.normal(c.init_std),
+            param_dtype=_dtype(c.param_dtype), name="wte",
+        )
+        x = wte(tokens_BT).astype(c.dtype)
+        if c.pos_embedding == "learned":
+            wpe = nn.Embed(
+                c.block_size, c.n_embd, embedding_init=nn.initializers.normal(c.init_std),
+                param_dtype=_dtype(c.param_dtype), name="wpe",
+            )
+            x = x + wpe(positions_BT).astype(c.dtype)
+        elif c.pos_embedding == "sinusoidal":
+            x = x + pos_lib.sinusoidal(positions_BT, c.n_embd).astype(c.dtype)
+        # A no-op unless a 'perturbations' collection is passed: lets tests take
+        # gradients with respect to the input embeddings (causality checks).
+        x = self.perturb("embeddings", x)
+        x = nn.Dropout(c.dropout, deterministic=self.deterministic)(x)
+
+        blocks = nn.scan(
+            Block,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(0, nn.broadcast),
+            length=c.n_layer,
+        )(c, self.deterministic, name="h")
+        (x, cache), _ = blocks((x, cache), jnp.arange(c.n_layer), positions_BT)
+
+        if c.norm_placement == "pre":
+            x = Norm(c, name="ln_f")(x)
+        if c.tie_embeddings:
+            head_VD = wte.embedding.astype(c.dtype)
+            logits = jnp.einsum("BTD,VD->BTV", x, head_VD, preferred_element_type=jnp.float32)
+        else:
+            kernel = self.param(
+                "lm_head", nn.initializers.normal(c.init_std), (c.n_embd, c.vocab_size),
+                _dtype(c.param_dtype),
+            )
+            logits = jnp.einsum(
+                "BTD,DV->BTV", x, kernel.astype(c.dtype), preferred_element_type=jnp.float32
+            )
+        if cache is not None:
+            cache = cache.advance(T)
+        return logits.astype(jnp.float32), cache
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def init_params(config: GPTConfig, key: jax.Array) -> dict:
+    """Fresh parameters (a plain nested dict) for `config`, from an explicit PRNG key."""
+    tokens = jnp.zeros((1, min(config.block_size, 8)), jnp.int32)
+    return _init(config, key, tokens)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init(config, key, tokens):
+    return GPT(config).init({"params": key}, tokens)["params"]
+
+
+def check_tokens(tokens, config: GPTConfig, *, offset: int = 0) -> None:
+    """Raise ValueError for ids outside [0, vocab_size) or sequences learned positions can't hold.
+
+    Value checks run only on concrete arrays (inside a jit the values are unknown)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be int [batch, time], got shape {tuple(tokens.shape)}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise ValueError(f"tokens must be integer ids, got dtype {tokens.dtype}")
+    T = tokens.shape[1]
+    if config.pos_embedding == "learned" and offset + T > config.block_size:
+        raise ValueError(
+            f"sequence of {offset + T} positions exceeds block_size={config.block_size}, the "
+            f"most learned positions (wpe) can encode: crop the input to {config.block_size} "
+            f"tokens or use pos_embedding='rope'/'sinusoidal'"
+        )
+    if isinstance(tokens, jax.core.Tracer) or tokens.size == 0:
+        return
+    ids = np.asarray(tokens)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= config.vocab_size:
+        bad = lo if lo < 0 else hi
+        raise ValueError(
+            f"token id {bad} is out of range [0, {config.vocab_size}) for vocab_size="
+            f"{config.vocab_size}: check the tokenizer matches the model"
+        )
+
+
+def forward(
+    params, tokens, config: GPTConfig, *, positions=None, cache=None, deterministic=True, rng=None
+):
+    """Logits float32 [B, T, vocab] and the updated cache (None in, None out).
+
+    tokens: int [B, T]. positions: int [B, T], default 0..T-1 (or the cache's lengths + t).
+    With dropout active (`deterministic=False` and config.dropout > 0) pass `rng`."""
+    tokens = jnp.asarray(tokens)
+    check_tokens(tokens, config)
+    if not deterministic and config.dropout > 0 and rng is None:
+        raise ValueError("forward(deterministic=False) with dropout > 0 needs rng=<PRNG key>")
+    return _forward(params, tokens, positions, cache, rng, config, deterministic)
+
+
+@functools.partial(jax.jit, static_argnums=(5, 6))
+def _forward(params, tokens, positions, cache, rng, config, deterministic):
+    return apply(params, tokens, config, positions=positions, cache=cache,
+                 deterministic=deterministic, rng=rng)
+
+
+def apply(params, tokens, config: GPTConfig, *, positions=None, cache=None,
+          deterministic=True, rng=None, variables=None):
+    """The unchecked forward, for use inside the caller's own jit (train step, decode loop).
+
+    `variables` adds collections beside params (e.g. {'perturbations': ...})."""
+    rngs = {"dropout": rng} if rng is not None else {}
+    return GPT(config, deterministic).apply(
+        {"params": params, **(variables or {})}, tokens, positions, cache, rngs=rngs
+    )
