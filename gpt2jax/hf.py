@@ -141,7 +141,9 @@ def params_from_state_dict(config: GPTConfig, tensors: dict[str, np.ndarray]) ->
         )
     for name, shape in expected.items():
         if tuple(named[name].shape) != shape:
-            raise ValueError(f"tensor {name} has shape {tuple(named[name].shape)}, expected {shape}")
+            raise ValueError(
+                f"tensor {name} has shape {tuple(named[name].shape)}, expected {shape}"
+            )
     dtype = np.dtype(config.param_dtype) if config.param_dtype != "bfloat16" else np.float32
 
     def get(name):

@@ -32,7 +32,7 @@ def _dtype(name: str):
 
 
 def deepnorm_constants(n_layer: int) -> tuple[float, float]:
-    """DeepNet decoder-only constants: residual scale alpha = (2N)^(1/4), init beta = (8N)^(-1/4)."""
+    """DeepNet decoder-only constants: residual scale alpha = (2N)^(1/4), init beta = (8N)^-1/4."""
     return (2 * n_layer) ** 0.25, (8 * n_layer) ** -0.25
 
 
@@ -104,7 +104,8 @@ class Attention(nn.Module):
         c = self.config
         B, T, D = x_BTD.shape
         if c.norm_placement == "deepnorm":  # beta scales the value third of c_attn
-            qkv_init = _scaled_normal(c.init_std, slice(2 * D, 3 * D), deepnorm_constants(c.n_layer)[1])
+            beta = deepnorm_constants(c.n_layer)[1]
+            qkv_init = _scaled_normal(c.init_std, slice(2 * D, 3 * D), beta)
         else:
             qkv_init = _scaled_normal(c.init_std)
         qkv = Linear(3 * D, c, qkv_init, name="c_attn")(x_BTD)
