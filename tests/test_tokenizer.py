@@ -80,8 +80,7 @@ def test_known_ids():
 
 
 def test_tinyshakespeare_round_trip(reference_encoding):
-    if not SHAKESPEARE.is_file():
-        pytest.skip(f"{SHAKESPEARE} not found (set GPT2JAX_DATA_DIR)")
+    assert SHAKESPEARE.is_file(), f"{SHAKESPEARE} not found: set GPT2JAX_DATA_DIR"
     text = SHAKESPEARE.read_text(encoding="utf-8")
     ids = tokenizer.encode(text)
     assert tokenizer.decode(ids) == text
