@@ -56,7 +56,7 @@ def test_every_variant_forward_backward_and_causal(pos, placement, norm, tied):
     chex.assert_trees_all_equal_shapes(grads, params)
     assert float(loss) == pytest.approx(np.log(config.vocab_size), abs=0.5)  # random init
 
-    for t, g in zip(probe_positions, np.asarray(input_grads)):
+    for t, g in zip(probe_positions, np.asarray(input_grads), strict=True):
         assert np.all(g[:, t + 1:] == 0), f"position {t} sees the future ({pos}, {placement})"
         assert np.all(np.abs(g[:, : t + 1]).sum(-1) > 0), "the past must matter"
 
