@@ -25,6 +25,7 @@ import numpy as np
 from gpt2jax import positions as pos_lib
 from gpt2jax.config import GPTConfig
 from gpt2jax.kvcache import causal_mask, masked_attention
+from gpt2jax.quant import int8
 
 
 def _dtype(name: str):
@@ -62,7 +63,7 @@ class Linear(nn.Module):
         kernel = self.param(
             "kernel", self.kernel_init, (x.shape[-1], self.features), _dtype(c.param_dtype)
         )
-        y = jnp.dot(x.astype(c.dtype), kernel.astype(c.dtype))
+        y = int8.matmul(x, kernel, c.dtype)  # float or int8 (QTensor) kernel
         if self.use_bias and c.bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), c.param_dtype)
             y = y + bias.astype(c.dtype)
@@ -82,9 +83,10 @@ class Norm(nn.Module):
         if c.norm == "layernorm":
             x32 = x32 - x32.mean(-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + c.layer_norm_epsilon)
-        y = y * self.param("scale", nn.initializers.ones, (d,), c.param_dtype)
+        # as_float: the int8 ablation quantizes norm leaves too
+        y = y * int8.as_float(self.param("scale", nn.initializers.ones, (d,), c.param_dtype))
         if c.norm == "layernorm" and c.bias:
-            y = y + self.param("bias", nn.initializers.zeros, (d,), c.param_dtype)
+            y = y + int8.as_float(self.param("bias", nn.initializers.zeros, (d,), c.param_dtype))
         return y.astype(c.dtype)
 
 
