@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from gpt2jax._files import write_atomically
 from gpt2jax.config import GPTConfig
 
 HUB_NAMES = {
@@ -276,16 +276,8 @@ def save(config: GPTConfig, params, path: str | os.PathLike) -> Path:
     tensors = params_to_state_dict(config, params)
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
-    for name, write in (
-        ("model.safetensors", lambda f: save_file(tensors, f, metadata={"format": "pt"})),
-        ("config.json", lambda f: Path(f).write_text(json.dumps(hf_config, indent=2))),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    write_atomically(directory / "model.safetensors",
+                     lambda f: save_file(tensors, f, metadata={"format": "pt"}))
+    write_atomically(directory / "config.json",
+                     lambda f: Path(f).write_text(json.dumps(hf_config, indent=2)))
     return directory
