@@ -1,0 +1,1 @@
+"""Measurement programs: python -m eval.<name>."""
