@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2jax import lora as lora_lib
 from gpt2jax import positions as pos_lib
 from gpt2jax.config import GPTConfig
-from gpt2jax.kvcache import causal_mask, masked_attention
+from gpt2jax.kvcache import causal_mask, heads_to_rows, masked_attention
 from gpt2jax.quant import int8
 
 
@@ -64,6 +65,7 @@ class Linear(nn.Module):
             "kernel", self.kernel_init, (x.shape[-1], self.features), _dtype(c.param_dtype)
         )
         y = int8.matmul(x, kernel, c.dtype)  # float or int8 (QTensor) kernel
+        y = lora_lib.add_adapter_outputs(self, x, y)  # no-op without a 'lora' collection
         if self.use_bias and c.bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), c.param_dtype)
             y = y + bias.astype(c.dtype)
@@ -124,8 +126,8 @@ class Attention(nn.Module):
                 dropout = nn.Dropout(c.dropout, deterministic=False)
             out_BTHD = masked_attention(
                 q_BTHD,
-                k_BTHD.transpose(0, 2, 1, 3),
-                v_BTHD.transpose(0, 2, 1, 3),
+                heads_to_rows(k_BTHD),
+                heads_to_rows(v_BTHD),
                 causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), T),
                 dropout,
             )
@@ -208,17 +210,25 @@ class GPT(nn.Module):
         x = nn.Dropout(c.dropout, deterministic=self.deterministic)(x)
 
         layers = None if self.is_initializing() else self.variables["params"]["h"]
-        if isinstance(layers, tuple):  # per-layer params from `unstack_layers`
+        if layers is not None and (cache is not None or isinstance(layers, tuple)):
+            # One layer at a time (a Python loop): the cache holds one buffer per layer, and
+            # `unstack_layers` params spare a decode loop the per-step weight copies.
+            layers = unstack_layers({"h": layers})["h"]
+            adapters = self.variables.get("lora", {}).get("h")
+            adapter_layers = unstack_layers({"h": adapters})["h"] if adapters else None
             rngs = {} if self.deterministic else {"dropout": self.make_rng("dropout")}
             for i, layer_params in enumerate(layers):
+                layer_vars = {"params": layer_params}
+                if adapter_layers is not None:
+                    layer_vars["lora"] = adapter_layers[i]
                 (x, cache), _ = Block(c, self.deterministic, parent=None).apply(
-                    {"params": layer_params}, (x, cache), i, positions_BT,
+                    layer_vars, (x, cache), i, positions_BT,
                     rngs={k: jax.random.fold_in(r, i) for k, r in rngs.items()},
                 )
         else:
             blocks = nn.scan(
                 Block,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "lora": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast),
                 length=c.n_layer,
@@ -287,7 +297,8 @@ def check_tokens(tokens, config: GPTConfig, *, offset: int = 0) -> None:
 
 
 def forward(
-    params, tokens, config: GPTConfig, *, positions=None, cache=None, deterministic=True, rng=None
+    params, tokens, config: GPTConfig, *, positions=None, cache=None, deterministic=True,
+    rng=None, lora=None,
 ):
     """Logits float32 [B, T, vocab] and the updated cache (None in, None out).
 
@@ -297,24 +308,30 @@ def forward(
     check_tokens(tokens, config)
     if not deterministic and config.dropout > 0 and rng is None:
         raise ValueError("forward(deterministic=False) with dropout > 0 needs rng=<PRNG key>")
-    return _forward(params, tokens, positions, cache, rng, config, deterministic)
+    if lora is not None:
+        lora_lib.check_compatible(lora, config)
+    return _forward(params, tokens, positions, cache, rng, lora, config, deterministic)
 
 
-@functools.partial(jax.jit, static_argnums=(5, 6))
-def _forward(params, tokens, positions, cache, rng, config, deterministic):
+@functools.partial(jax.jit, static_argnums=(6, 7))
+def _forward(params, tokens, positions, cache, rng, lora, config, deterministic):
     return apply(params, tokens, config, positions=positions, cache=cache,
-                 deterministic=deterministic, rng=rng)
+                 deterministic=deterministic, rng=rng, lora=lora)
 
 
 def apply(params, tokens, config: GPTConfig, *, positions=None, cache=None,
-          deterministic=True, rng=None, variables=None, logits_at=None):
+          deterministic=True, rng=None, variables=None, logits_at=None, lora=None):
     """The unchecked forward, for use inside the caller's own jit (train step, decode loop).
 
     `variables` adds collections beside params (e.g. {'perturbations': ...}). `logits_at`
-    int [B, K]: compute logits only at these time indices, giving [B, K, vocab]."""
+    int [B, K]: compute logits only at these time indices, giving [B, K, vocab].
+    `lora`: `gpt2jax.lora.Adapters`, added to the frozen params (the trainable partition)."""
     rngs = {"dropout": rng} if rng is not None else {}
+    variables = {"params": params, **(variables or {})}
+    if lora is not None:
+        variables["lora"] = lora.scaled_tree()
     return GPT(config, deterministic).apply(
-        {"params": params, **(variables or {})}, tokens, positions, cache, logits_at, rngs=rngs
+        variables, tokens, positions, cache, logits_at, rngs=rngs
     )
 
 
@@ -323,7 +340,10 @@ def unstack_layers(params) -> dict:
 
     `apply` accepts either form and gives the same logits. Inside a decode loop the stacked
     form makes XLA copy every layer's weights out of the stack at every step (a slice is a
-    copy on CPU: 3.6x slower matvecs, measured); unstacking once before the loop avoids it."""
+    copy on CPU: 3.6x slower matvecs, measured); unstacking once before the loop avoids it.
+    Params already unstacked are returned as they are."""
+    if isinstance(params["h"], tuple):
+        return params
     n_layer = jax.tree_util.tree_leaves(params["h"])[0].shape[0]
     layers = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], params["h"]) for i in range(n_layer))
     return {**params, "h": layers}
