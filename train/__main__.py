@@ -1,0 +1,124 @@
+"""python -m train --preset shakespeare [flags]: parse arguments, call train.train()."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gpt2jax import config as model_config_lib
+from gpt2jax.checkpoint import CheckpointMismatchError
+from gpt2jax.config import GPTConfig
+from gpt2jax.sharding import parse_mesh
+from train import config as config_lib
+from train.data import DataError
+from train.trainer import NonFiniteLossError, train
+
+# (flag, GPTConfig field, type, choices): every model switch is reachable from the CLI.
+MODEL_FLAGS = (
+    ("--n-layer", "n_layer", int, None),
+    ("--n-head", "n_head", int, None),
+    ("--n-embd", "n_embd", int, None),
+    ("--block-size", "block_size", int, None),
+    ("--vocab-size", "vocab_size", int, None),
+    ("--dropout", "dropout", float, None),
+    ("--pos", "pos_embedding", str, model_config_lib.POS_EMBEDDINGS),
+    ("--norm-placement", "norm_placement", str, model_config_lib.NORM_PLACEMENTS),
+    ("--norm", "norm", str, model_config_lib.NORMS),
+    ("--rope-base", "rope_base", float, None),
+    ("--layer-norm-epsilon", "layer_norm_epsilon", float, None),
+    ("--dtype", "dtype", str, model_config_lib.DTYPES),
+    ("--param-dtype", "param_dtype", str, model_config_lib.DTYPES),
+    ("--init-std", "init_std", float, None),
+)
+TRAIN_FLAGS = (
+    ("--data", "data", str), ("--out", "out", str), ("--seed", "seed", int),
+    ("--max-steps", "max_steps", int), ("--batch-size", "batch_size", int),
+    ("--grad-accum", "grad_accum", int), ("--lr", "lr", float), ("--min-lr", "min_lr", float),
+    ("--warmup-steps", "warmup_steps", int), ("--weight-decay", "weight_decay", float),
+    ("--beta1", "beta1", float), ("--beta2", "beta2", float), ("--grad-clip", "grad_clip", float),
+    ("--eval-every", "eval_every", int), ("--eval-batches", "eval_batches", int),
+    ("--ckpt-every", "ckpt_every", int), ("--keep-checkpoints", "keep_checkpoints", int),
+    ("--max-minutes", "max_minutes", float), ("--init-from", "init_from", str),
+    ("--peak-flops", "peak_flops", float), ("--sample-tokens", "sample_tokens", int),
+    ("--temperature", "temperature", float), ("--top-k", "top_k", int),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a GPT-2-shaped model. A --preset gives every default; flags "
+        "override single fields (python -m train --preset shakespeare --print-config).",
+    )
+    p.add_argument("--preset", default="shakespeare",
+                   help=f"train recipe: {', '.join(config_lib.PRESETS)} (default shakespeare)")
+    p.add_argument("--model", help=f"start from a model shape: "
+                   f"{', '.join(model_config_lib.PRESETS)} (default: the preset's)")
+    for flag, field, typ, choices in MODEL_FLAGS:
+        p.add_argument(flag, dest=field, type=typ, choices=choices, help=f"GPTConfig.{field}")
+    p.add_argument("--untied", dest="tie_embeddings", action="store_false", default=None,
+                   help="separate lm_head instead of sharing wte")
+    p.add_argument("--tied", dest="tie_embeddings", action="store_true")
+    p.add_argument("--no-bias", dest="bias", action="store_false", default=None,
+                   help="no biases in Linear and LayerNorm")
+    p.add_argument("--bias", dest="bias", action="store_true")
+    for flag, field, typ in TRAIN_FLAGS:
+        p.add_argument(flag, dest=field, type=typ, help=f"TrainConfig.{field}")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--mesh", help="device mesh, e.g. data=4 (data parallel over 4 devices)")
+    p.add_argument("--fsdp", action="store_true", default=None,
+                   help="also shard params and optimizer state over the data axis")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as JSON and exit")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
+    cfg = config_lib.preset(args.preset)
+    model = GPTConfig.preset(args.model) if args.model else cfg.model
+    model_changes = {field: getattr(args, field) for _, field, _, _ in MODEL_FLAGS}
+    model_changes.update(tie_embeddings=args.tie_embeddings, bias=args.bias)
+    model = model.replace(**{k: v for k, v in model_changes.items() if v is not None})
+    changes = {field: getattr(args, field) for _, field, _ in TRAIN_FLAGS}
+    changes.update(resume=args.resume, fsdp=args.fsdp,
+                   mesh_data=parse_mesh(args.mesh) if args.mesh else None)
+    changes = {k: v for k, v in changes.items() if v is not None}
+    if args.max_minutes == 0:  # no time budget
+        changes["max_minutes"] = None
+    return cfg.replace(model=model, **changes)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(cfg.to_json())
+        return 0
+
+    try:
+        result = train(cfg, progress=not args.no_progress)
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except (DataError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if result.val_loss is not None:
+        print(f"step {result.step}: val loss {result.val_loss:.4f} after "
+              f"{result.elapsed_s / 60:.1f} min ({result.stopped}); run folder {result.out}")
+    else:
+        print(f"stopped at step {result.step} ({result.stopped}); checkpoint in {result.out}")
+    if result.sample:
+        print("---- sample ----")
+        print(result.sample)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

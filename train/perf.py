@@ -1,0 +1,37 @@
+"""FLOP counts and the measured peak that MFU is reported against."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+from gpt2jax.config import GPTConfig
+
+
+def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> float:
+    """Training FLOPs per token: 6 per matmul weight (forward 2, backward 4) plus attention.
+
+    Matmul weights: 12 D^2 per layer (c_attn 3D^2, c_proj D^2, MLP 8D^2) and the V x D
+    output head (tied or not; the embedding lookup itself is free). Attention scores and
+    the weighted sum add 12 L T D (PaLM's appendix B count, no causal discount)."""
+    T = seq_len or config.block_size
+    L, D, V = config.n_layer, config.n_embd, config.vocab_size
+    return 6.0 * (12 * L * D * D + V * D) + 12.0 * L * T * D
+
+
+def measure_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 8) -> float:
+    """Best observed FLOP/s of one device on an n x n matmul in `dtype` (about a second).
+
+    The MFU denominator when the user gives none: what XLA's own matmul reaches on this
+    machine, not a datasheet number."""
+    a = jnp.ones((n, n), jnp.dtype(dtype))
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        matmul(a, a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n**3 / best

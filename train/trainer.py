@@ -1,0 +1,408 @@
+"""The training loop: `train(TrainConfig) -> TrainResult`, importable by eval programs.
+
+Per run folder (`cfg.out`):
+
+    data/            the prepared token files (when cfg.data was text, not a prepared folder)
+    checkpoints/     orbax steps, the last `keep_checkpoints` of them
+    metrics.jsonl    one record per step {"step", "loss", "lr", "grad_norm", "tok_s", "mfu",
+                     "time_s"} and per eval {"step", "val_loss", "time_s"}
+    loss_curve.png   train and val loss against wall-clock minutes
+    summary.json     the final figures
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from gpt2jax import checkpoint as ckpt_lib
+from gpt2jax import hf, sharding, tokenizer
+from gpt2jax.config import GPTConfig
+from gpt2jax.generate import generate
+from gpt2jax.model import init_params
+from train import data as data_lib
+from train import optim, perf
+from train import step as step_lib
+from train.config import TrainConfig
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training produced a NaN/inf loss or gradient; the message names the way out."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    config: TrainConfig  # as trained (the model config resolved from --init-from)
+    step: int
+    stopped: str  # "max_steps" | "time" | "signal"
+    losses: list[float]  # train loss of every step from step 1, resumed runs included
+    val_loss: float | None  # on the whole val split, at the end (None when interrupted)
+    wall_s: float  # this process's time in train()
+    elapsed_s: float  # total across resumes
+    tokens_per_s: float
+    mfu: float
+    sample: str | None
+    out: Path
+
+
+# ---------------------------------------------------------------------------- setup
+
+
+def resolve_data(cfg: TrainConfig) -> Path:
+    """A prepared dataset folder: cfg.data itself, or cfg.data prepared into out/data."""
+    if data_lib.is_prepared(cfg.data):
+        return Path(cfg.data)
+    target = Path(cfg.out) / "data"
+    data_lib.prepare(cfg.data, target, block_size=cfg.model.block_size)
+    return target
+
+
+def initial_params(cfg: TrainConfig) -> tuple[GPTConfig, dict]:
+    """(model config, params) fresh from cfg.model, or from --init-from.
+
+    With --init-from the architecture is the source's; only dropout, the compute dtype and
+    a smaller block_size (learned positions cropped, as nanoGPT does) come from cfg.model."""
+    source = cfg.init_from
+    if source is None:
+        return cfg.model, init_params(cfg.model, jax.random.PRNGKey(cfg.seed))
+    if source.startswith("ckpt:"):
+        config, params = ckpt_lib.load(source.removeprefix("ckpt:"))
+    elif source.startswith("hf:"):
+        config, params = hf.load(source.removeprefix("hf:"))
+    elif source in hf.HUB_NAMES or source.startswith("openai-community/"):
+        config, params = hf.load(source)
+    else:
+        raise ValueError(
+            f"--init-from {source!r} is not understood: use hf:DIR (a Hugging Face GPT-2 "
+            f"folder), ckpt:DIR (a gpt2jax checkpoint folder) or a hub name "
+            f"({', '.join(hf.HUB_NAMES)})"
+        )
+    block = min(cfg.model.block_size, config.block_size)
+    if "wpe" in params:
+        params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][:block]}}
+    config = config.replace(dropout=cfg.model.dropout, dtype=cfg.model.dtype, block_size=block)
+    return config, jax.tree.map(jnp.asarray, params)
+
+
+def _truncate_metrics(path: Path, step: int) -> list[float]:
+    """Drop records past `step` (written after the checkpoint we resume from); return the
+    train losses kept."""
+    if not path.exists():
+        return []
+    kept = [r for r in map(json.loads, path.read_text().splitlines()) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    return [r["loss"] for r in kept if "loss" in r]
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and returns."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, _frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------- pieces
+
+
+def evaluate(eval_fn, params, tokens, cfg: TrainConfig, batch_sharding, max_batches=None):
+    """Mean loss over the non-overlapping windows of `tokens` (see data.eval_batches)."""
+    total, weight = 0.0, 0.0
+    w_sharding = sharding.batch_sharding(batch_sharding.mesh, 1)
+    for x, y, w in data_lib.eval_batches(tokens, cfg.model.block_size, cfg.batch_size,
+                                         max_batches):
+        s, n = eval_fn(params, sharding.put_global(x, batch_sharding),
+                       sharding.put_global(y, batch_sharding), sharding.put_global(w, w_sharding))
+        total, weight = total + float(s), weight + float(n)
+    return total / weight
+
+
+def sample_text(params, config: GPTConfig, cfg: TrainConfig, prompt: str = "\n") -> str:
+    """`cfg.sample_tokens` tokens continuing `prompt` (fewer if learned positions end first)."""
+    ids = tokenizer.encode(prompt)
+    n = cfg.sample_tokens
+    if config.pos_embedding == "learned":
+        n = min(n, config.block_size - len(ids))
+    out = generate(params, config, [ids], max_new_tokens=n, key=jax.random.PRNGKey(cfg.seed),
+                   temperature=cfg.temperature, top_k=cfg.top_k)
+    return prompt + tokenizer.decode(np.asarray(out[0]).tolist())
+
+
+def plot_curves(metrics_path: Path, png_path: Path, target: float | None = None) -> None:
+    """Train (per step) and val loss against wall-clock minutes, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    train = [(r["time_s"] / 60, r["loss"]) for r in records if "loss" in r]
+    val = [(r["time_s"] / 60, r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if train:
+        ax.plot(*zip(*train, strict=True), lw=0.6, alpha=0.6, label="train (per step)")
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val")
+    if target is not None:
+        ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target}")
+    ax.set_xlabel("wall-clock minutes (compile and evals included)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Run (or resume) the training `cfg` describes; see the module docstring for outputs.
+
+    With cfg.max_minutes the learning-rate cosine follows wall-clock time too, so the run
+    ends annealed when the budget (final eval and sample included) is spent, however fast
+    this machine is today; without it everything depends on the step alone, and a resumed
+    run is bit-for-bit the run that was never interrupted.
+
+    on_step(step, metrics) runs after every optimizer step (eval programs, tests)."""
+    t_start = time.perf_counter()
+    sharding.initialize_distributed()
+    main_process = jax.process_index() == 0
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.jsonl"
+
+    data_dir = resolve_data(cfg)
+    data_meta = json.loads((data_dir / "meta.json").read_text())
+    train_tokens = data_lib.load_split(data_dir, "train")
+    val_tokens = data_lib.load_split(data_dir, "val")
+
+    model_config, params = initial_params(cfg)
+    cfg = cfg.replace(model=model_config)
+    K, B, T = cfg.grad_accum, cfg.batch_size, model_config.block_size
+    sampler = data_lib.BatchSampler(train_tokens, B, T, cfg.seed)
+    mesh = sharding.make_mesh(cfg.mesh_data)
+    schedule = optim.LRSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+    optimizer = optim.make_optimizer(weight_decay=cfg.weight_decay, beta1=cfg.beta1,
+                                     beta2=cfg.beta2, grad_clip=cfg.grad_clip)
+    init = lambda p: step_lib.init_state(p, optimizer, cfg.seed)
+    state_sh = sharding.state_shardings(jax.eval_shape(init, params), mesh, cfg.fsdp)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(init, params), state_sh,
+    )
+
+    checkpoints = ckpt_lib.Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
+    losses: list[float] = []
+    clock = {"before_s": 0.0, "warmup_end_s": None}  # time spent by earlier processes
+    if cfg.resume:
+        state, meta = _restore(checkpoints, abstract, cfg, data_dir, data_meta)
+        clock = {"before_s": meta["elapsed_s"], "warmup_end_s": meta["warmup_end_s"]}
+        if main_process:
+            losses = _truncate_metrics(metrics_path, int(state["step"]))
+    else:
+        state = jax.jit(init, out_shardings=state_sh)(params)
+        if main_process:
+            metrics_path.write_text("")
+    del params
+    step = int(state["step"])
+
+    x_sh = sharding.batch_sharding(mesh, 3, batch_axis=1)  # [K, B, T]
+    b_sh = sharding.batch_sharding(mesh, 2)  # [B, T]
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    train_step = jax.jit(
+        step_lib.make_train_step(model_config, optimizer),
+        in_shardings=(state_sh, x_sh, x_sh, replicated), out_shardings=(state_sh, replicated),
+        donate_argnums=0,
+    )
+    eval_fn = jax.jit(
+        step_lib.make_eval_step(model_config),
+        in_shardings=(state_sh["params"], b_sh, b_sh, sharding.batch_sharding(mesh, 1)),
+        out_shardings=(replicated, replicated),
+    )
+    peak = (cfg.peak_flops or perf.measure_peak_flops(model_config.dtype)) * mesh.size
+    flops_per_token = perf.flops_per_token(model_config)
+
+    def elapsed():
+        return clock["before_s"] + time.perf_counter() - t_start
+
+    def log(record):
+        if main_process:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save():
+        t = time.perf_counter()
+        checkpoints.save(step, state, config=model_config, extra={
+            "train_config": cfg.to_dict(), "sampler": sampler.state(step),
+            "data_sha256": data_meta["source_sha256"], "elapsed_s": elapsed(),
+            "warmup_end_s": clock["warmup_end_s"],
+        })
+        return time.perf_counter() - t
+
+    def run_eval(max_batches=None):
+        t = time.perf_counter()
+        loss = evaluate(eval_fn, state["params"], val_tokens, cfg, b_sh, max_batches)
+        n = min(max_batches or full_eval_batches, full_eval_batches)
+        log({"step": step, "val_loss": loss, "time_s": round(elapsed(), 3),
+             "eval_windows": n * B})
+        return loss, (time.perf_counter() - t) * full_eval_batches / n
+
+    full_eval_batches = -(-((len(val_tokens) - 1) // T) // B)
+    # What the ending costs (full eval, save, sample), measured as the run goes, so a time
+    # budget is met with everything included; sampling compiles a decoder: ~15 s guessed.
+    ending = {"eval_s": 0.0, "save_s": 0.0, "sample_s": 15.0 if cfg.sample_tokens else 0.0}
+    budget = None if cfg.max_minutes is None else cfg.max_minutes * 60
+
+    def time_fraction():
+        if budget is None or clock["warmup_end_s"] is None:
+            return 0.0
+        start = clock["warmup_end_s"]
+        return (elapsed() - start) / max(budget - sum(ending.values()) - start, 1e-9)
+
+    stopped = "max_steps"
+    tok_s = mfu = 0.0
+    postfix = {}
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not progress,
+               dynamic_ncols=True)
+    with _StopFlag() as stop:
+        window_t, window_steps = None, 0  # throughput window; the first step compiles
+        while step < cfg.max_steps:
+            if step == cfg.warmup_steps and clock["warmup_end_s"] is None:
+                clock["warmup_end_s"] = elapsed()
+            fraction = time_fraction()
+            if fraction >= 1.0:
+                stopped = "time"
+                break
+            lr = schedule(step, fraction)
+            x, y = sampler.batch(step, (K, B))
+            state, m = train_step(state, sharding.put_global(x, x_sh),
+                                  sharding.put_global(y, x_sh), np.float32(lr))
+            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                last = checkpoints.steps()
+                raise NonFiniteLossError(
+                    f"step {step + 1}: loss {loss}, gradient norm {grad_norm}. Stopped; the "
+                    f"last good checkpoint is "
+                    f"{f'step {last[-1]} in {checkpoints.directory}' if last else 'none'}. "
+                    f"Lower --lr (now {cfg.lr}), raise --warmup-steps (now "
+                    f"{cfg.warmup_steps}) or train in float32, then --resume"
+                )
+            step += 1
+            now = time.perf_counter()
+            if window_t is None:  # the first step compiled: measure from its end
+                window_t = now
+            else:
+                window_steps += 1
+                if now - window_t > 2.0:
+                    tok_s = window_steps * cfg.tokens_per_step / (now - window_t)
+                    mfu = tok_s * flops_per_token / peak
+                    window_t, window_steps = now, 0
+                    if not ending["eval_s"]:  # until measured: forward ~ 1/3 of a step
+                        ending["eval_s"] = full_eval_batches * B * T / tok_s / 3
+            losses.append(loss)
+            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                      "tok_s": round(tok_s, 1), "mfu": round(mfu, 4),
+                      "time_s": round(elapsed(), 3)}
+            log(record)
+            if fraction > 0:  # a time budget: show the steps it will end at
+                bar.total = min(cfg.max_steps, int(cfg.warmup_steps + (step - cfg.warmup_steps)
+                                                   / min(fraction, 1.0)))
+            postfix.update(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", mfu=f"{mfu:.1%}")
+            bar.set_postfix(postfix, refresh=False)
+            bar.update(1)
+            if on_step is not None:
+                on_step(step, record)
+
+            paused = False
+            if step % cfg.eval_every == 0 and step < cfg.max_steps:
+                val, ending["eval_s"] = run_eval(cfg.eval_batches or None)
+                postfix["val"] = f"{val:.3f}"
+                bar.write(f"step {step}: val loss {val:.4f} ({elapsed() / 60:.1f} min)")
+                paused = True
+            if step % cfg.ckpt_every == 0:
+                ending["save_s"] = save()
+                paused = True
+            if paused:  # evals and saves are not training throughput
+                window_t, window_steps = time.perf_counter(), 0
+            if stop.signal:
+                stopped = "signal"
+                bar.write(f"{stop.signal}: saving step {step} and exiting")
+                break
+    bar.close()
+    if stopped == "time":
+        print(f"time budget of {cfg.max_minutes} min: training ended at step {step}")
+
+    val_loss = sample = None
+    if stopped != "signal":
+        val_loss, _ = run_eval()
+    save()
+    checkpoints.close()
+    if stopped != "signal" and cfg.sample_tokens > 0:
+        # Every process gathers the (possibly FSDP-sharded) params and samples the same text.
+        params = multihost_utils.process_allgather(state["params"], tiled=True)
+        sample = sample_text(params, model_config, cfg)
+    result = TrainResult(
+        config=cfg, step=step, stopped=stopped, losses=losses, val_loss=val_loss,
+        wall_s=time.perf_counter() - t_start, elapsed_s=elapsed(), tokens_per_s=tok_s, mfu=mfu,
+        sample=sample, out=out,
+    )
+    if main_process:
+        plot_curves(metrics_path, out / "loss_curve.png")
+        summary = {k: v for k, v in dataclasses.asdict(result).items()
+                   if k not in ("losses", "config")}
+        summary.update(config=cfg.to_dict(), out=str(out), peak_flops=peak,
+                       flops_per_token=flops_per_token,
+                       final_train_loss=losses[-1] if losses else None)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return result
+
+
+def _restore(checkpoints, abstract, cfg: TrainConfig, data_dir, data_meta):
+    """(state, meta) to resume from, after checking the run would continue unchanged."""
+    restored = checkpoints.restore(abstract, config=cfg.model)
+    if restored is None:
+        raise FileNotFoundError(
+            f"--resume: no checkpoint in {checkpoints.directory}; drop --resume to start "
+            f"afresh or point --out at the run to continue"
+        )
+    state, meta = restored
+    diff = TrainConfig.from_dict(meta["train_config"]).trajectory_diff(cfg)
+    if diff:
+        raise ckpt_lib.CheckpointMismatchError(
+            f"--resume with settings that change the run (checkpoint vs now): "
+            f"{'; '.join(diff)}. Pass the checkpoint's values or start a new --out"
+        )
+    if meta["data_sha256"] != data_meta["source_sha256"]:
+        raise ckpt_lib.CheckpointMismatchError(
+            f"--resume on other data: the checkpoint was trained on source sha256 "
+            f"{meta['data_sha256']}, {data_dir} holds {data_meta['source_sha256']}"
+        )
+    return state, meta
