@@ -1,4 +1,4 @@
-"""INT8 weight quantization: error bounds, exact byte counts, and the same forward on either tree."""
+"""INT8 weights: error bounds, exact byte counts, and the same forward on either tree."""
 
 from __future__ import annotations
 
@@ -111,3 +111,41 @@ def test_bad_input(small_params):
         int8.quantize(with_lora)
     with pytest.raises(ValueError, match="granularity='row'"):
         int8.quantize(small_params, granularity="row")
+
+
+def test_quantize_cli_checkpoint_round_trip_and_generate(tmp_path, small_params, capsys):
+    from gpt2jax import checkpoint, quantize
+    from gpt2jax.generate import generate
+
+    checkpoint.save_params(tmp_path / "float", SMALL, small_params)
+    quantize.main(["--ckpt", str(tmp_path / "float"), "--out", str(tmp_path / "int8")])
+    assert "->" in capsys.readouterr().out
+    config, loaded = checkpoint.load(tmp_path / "int8")
+    assert config == SMALL and int8.is_quantized(loaded)
+    expected = int8.quantize(small_params)
+    tokens = jnp.arange(16)[None]
+    a, _ = gpt2jax.forward(expected, tokens, SMALL)
+    b, _ = gpt2jax.forward(loaded, tokens, SMALL)
+    np.testing.assert_array_equal(a, b)
+    # the same jitted generate runs on the int8 tree, cache or not
+    prompts = [[1, 2, 3], [4, 5]]
+    with_cache = generate(loaded, SMALL, prompts, max_new_tokens=6, key=jax.random.key(0),
+                          temperature=0.0)
+    without = generate(loaded, SMALL, prompts, max_new_tokens=6, key=jax.random.key(0),
+                       temperature=0.0, use_cache=False)
+    np.testing.assert_array_equal(with_cache, without)
+
+
+def test_quantization_experiment_rows(small_params):
+    from eval.quantization import VARIANTS, run
+
+    val = np.asarray(jax.random.randint(jax.random.key(9), (200,), 0, SMALL.vocab_size))
+    result = run(small_params, SMALL, val)
+    rows = result["variants"]
+    assert list(rows) == list(VARIANTS)
+    assert rows["float32"]["delta_loss_pct"] == 0.0
+    assert rows["int8 per-channel (norms float)"]["bytes"] < rows["float32"]["bytes"]
+    # quantizing the norms too saves only their 3 bytes each (scales cost a little back)
+    saved = (rows["int8 per-channel (norms float)"]["bytes"]
+             - rows["int8 per-channel + norms int8"]["bytes"])
+    assert 0 < saved <= result["norm_bytes_saved_by_int8"]

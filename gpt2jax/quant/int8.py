@@ -107,6 +107,15 @@ def quantize(params, *, skip: Callable = default_skip, granularity: str = "chann
     return jax.tree_util.tree_map_with_path(convert, params)
 
 
+_SKIPS = {"default": default_skip, "norms_too": skip_embeddings_and_biases}
+
+
+def options(recorded: dict) -> dict:
+    """quantize() keyword arguments from what a quantized checkpoint records
+    ({"granularity": ..., "skip": "default" | "norms_too"})."""
+    return {"granularity": recorded["granularity"], "skip": _SKIPS[recorded["skip"]]}
+
+
 def dequantize(params):
     """Float tree back from a quantized one (float leaves pass through untouched)."""
     return jax.tree_util.tree_map(
