@@ -43,6 +43,7 @@ from gpt2jax.config import PRESETS, GPTConfig
 from gpt2jax.generate import generate
 from gpt2jax.kvcache import init_cache
 from gpt2jax.model import init_params
+from gpt2jax.quant import int8
 
 # torch's OpenMP workers spin at every barrier; on cores shared with other processes that
 # made HF 5-20x slower (baby, cache: 17.6 -> 83.5 tok/s, measured). Waiting passively is
@@ -80,10 +81,10 @@ def _seconds(fn) -> float:
 
 
 class Ours:
-    name, compiles = "gpt2jax", True
+    compiles = True
 
-    def __init__(self, config: GPTConfig, params):
-        self.config, self.params = config, params
+    def __init__(self, config: GPTConfig, params, name: str = "gpt2jax"):
+        self.config, self.params, self.name = config, params, name
 
     def __call__(self, prompts: np.ndarray, new: int, cache: bool) -> np.ndarray:
         out = generate(self.params, self.config, prompts.tolist(), max_new_tokens=new,
@@ -180,6 +181,10 @@ def run(preset: str, quick: bool) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         hf.save(config, params, tmp)
         sides = (Ours(config, params), HuggingFace(Path(tmp)))
+    # claim 6's speed half: the same decode on int8 weights (headline, with cache)
+    int8_params = int8.quantize(params)
+    int8_side = Ours(config, int8_params, "gpt2jax_int8")
+    int8_bytes = int8.nbytes(int8_params) - params["wpe"]["embedding"].nbytes
 
     P, N = QUICK_HEADLINE if quick else HEADLINE
     results.update(headline_prompt=P, headline_new_tokens=N)
@@ -196,7 +201,8 @@ def run(preset: str, quick: bool) -> dict:
             continue
         # the headline is end to end: new tokens / wall seconds of the whole generate call
         suffix = "cache" if cache else "nocache"
-        for name, (compile_s, steady, out) in timed(sides, prompts, new, cache,
+        headline_sides = (*sides, int8_side) if cache else sides
+        for name, (compile_s, steady, out) in timed(headline_sides, prompts, new, cache,
                                                     rounds=3 if cache else 1).items():
             results[f"{name}_{suffix}_tok_s"] = new / steady
             results[f"{name}_{suffix}_compile_s"] = compile_s
@@ -212,6 +218,8 @@ def run(preset: str, quick: bool) -> dict:
     end = measure_read_bandwidth()
     results["bandwidth"] = {k: max(v, end[k]) for k, v in bandwidth.items()}
     results["bound_tok_s_batch1"] = results["bandwidth"]["GBps"] * 1e9 / weight_bytes
+    results["int8_weight_bytes_per_step"] = int8_bytes
+    results["int8_bound_tok_s_batch1"] = results["bandwidth"]["GBps"] * 1e9 / int8_bytes
 
     ours, theirs = results["gpt2jax_cache_tok_s"], results["hf_cache_tok_s"]
     results.update({
@@ -219,6 +227,9 @@ def run(preset: str, quick: bool) -> dict:
         "gpt2jax_cache_over_nocache": ours / results["gpt2jax_nocache_tok_s"],
         "hf_cache_over_nocache": theirs / results["hf_nocache_tok_s"],
         "bound_fraction": ours / results["bound_tok_s_batch1"],
+        "int8_over_fp32_cache": results["gpt2jax_int8_cache_tok_s"] / ours,
+        "int8_greedy_tokens_match_fp32": float(np.mean(
+            tokens[("gpt2jax_int8", True)] == tokens[("gpt2jax", True)])),
         "greedy_tokens_match_hf": float(np.mean(
             tokens[("gpt2jax", True)] == tokens[("hf", True)])),
     })
@@ -249,6 +260,10 @@ def format_table(r: dict) -> str:
         f"compile {r['gpt2jax_cache_compile_s']:.1f} s)",
         f"  gpt2jax no cache {r['gpt2jax_nocache_tok_s']:8.1f} tok/s "
         f"(compile {r['gpt2jax_nocache_compile_s']:.1f} s)",
+        f"  gpt2jax int8     {r['gpt2jax_int8_cache_tok_s']:8.1f} tok/s "
+        f"({r['int8_over_fp32_cache']:.2f}x float32; int8 bound "
+        f"{r['int8_bound_tok_s_batch1']:.1f} tok/s; greedy tokens equal to float32's: "
+        f"{100 * r['int8_greedy_tokens_match_fp32']:.0f}%)",
         f"  HF cache         {r['hf_cache_tok_s']:8.1f} tok/s",
         f"  HF no cache      {r['hf_nocache_tok_s']:8.1f} tok/s",
         f"  gpt2jax / HF (cache) {r['gpt2jax_over_hf_cache']:.2f}x; cache speed-up: gpt2jax "
