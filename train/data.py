@@ -27,6 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gpt2jax import tokenizer
+from gpt2jax._files import sha256_file
 
 SHAKESPEARE_URL = (
     "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -54,14 +55,6 @@ def cache_dir() -> Path:
     return Path(base) / "gpt2jax"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     """Fetch `url` to `dest` (via a temporary file), refusing content whose sha256 differs."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -69,7 +62,7 @@ def download(url: str, dest: Path, sha256: str, timeout: float = 30.0) -> Path:
     try:
         with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
             shutil.copyfileobj(response, f)
-        actual = _sha256(Path(tmp))
+        actual = sha256_file(Path(tmp))
         if actual != sha256:
             raise DataError(f"download of {url} has sha256 {actual}, expected {sha256}")
         os.replace(tmp, dest)
@@ -86,7 +79,7 @@ def shakespeare_path() -> Path:
         candidates.insert(0, Path(os.environ["GPT2JAX_DATA_DIR"]) / SHAKESPEARE_FILE)
     for path in candidates:
         if path.is_file():
-            actual = _sha256(path)
+            actual = sha256_file(path)
             if actual != SHAKESPEARE_SHA256:
                 raise DataError(
                     f"{path} has sha256 {actual}, not Tiny Shakespeare's {SHAKESPEARE_SHA256}: "
