@@ -153,23 +153,30 @@ def sample_text(params, config: GPTConfig, cfg: TrainConfig, prompt: str = "\n")
     return prompt + tokenizer.decode(np.asarray(out[0]).tolist())
 
 
-def plot_curves(metrics_path: Path, png_path: Path, target: float | None = None) -> None:
-    """Train (per step) and val loss against wall-clock minutes, as a PNG."""
+def plot_curves(metrics_path: Path, png_path: Path) -> None:
+    """Train loss (per step and a 25-step mean) and val loss against wall-clock minutes."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in metrics_path.read_text().splitlines()]
-    train = [(r["time_s"] / 60, r["loss"]) for r in records if "loss" in r]
-    val = [(r["time_s"] / 60, r["val_loss"]) for r in records if "val_loss" in r]
+    train = np.array([(r["time_s"] / 60, r["loss"]) for r in records if "loss" in r])
+    evals = [r for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    if train:
-        ax.plot(*zip(*train, strict=True), lw=0.6, alpha=0.6, label="train (per step)")
-    if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val")
-    if target is not None:
-        ax.axhline(target, color="gray", ls="--", lw=1, label=f"target {target}")
+    if len(train):
+        ax.plot(train[:, 0], train[:, 1], lw=0.5, alpha=0.35, color="C0")
+        n = min(25, len(train))
+        mean = np.convolve(train[:, 1], np.ones(n) / n, mode="valid")
+        ax.plot(train[n - 1 :, 0], mean, color="C0", label=f"train ({n}-step mean)")
+    if evals:
+        most = max(r["eval_windows"] for r in evals)
+        for full, style, label in ((False, "o-", "val (subset)"), (True, "s", "val (all)")):
+            pts = [(r["time_s"] / 60, r["val_loss"]) for r in evals
+                   if (r["eval_windows"] == most) == full]
+            if pts:
+                ax.plot(*zip(*pts, strict=True), style, color="C1" if not full else "C3",
+                        label=f"{label}: {pts[-1][1]:.3f}")
     ax.set_xlabel("wall-clock minutes (compile and evals included)")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.grid(alpha=0.3)
