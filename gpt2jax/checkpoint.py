@@ -7,6 +7,10 @@ One checkpoint is a step folder with three orbax items:
     meta     JSON: the GPTConfig, the step, and whatever the trainer adds (its own config,
              the batch sampler's state, elapsed time)
 
+A LoRA fine-tune's checkpoint holds the adapters as its 'params' (the trainable partition)
+and, in meta["lora"], the LoRAConfig and a reference to the frozen base: where it came from
+(`load_model`'s source string) and the sha256 of its arrays, checked when it is read back.
+
 Orbax writes each step into a temporary folder and renames it when complete, so a crash
 mid-save leaves no step folder that looks finished. A step folder that is damaged anyway
 (disk trouble, a copy cut short) is skipped with a warning and the previous one is used.
@@ -16,6 +20,7 @@ fill a partial or differently shaped target without complaint.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import time
@@ -24,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -184,6 +190,11 @@ class Checkpointer:
 
         def read(step, meta):
             config = GPTConfig.from_dict(meta["config"])
+            if "lora" in meta:
+                adapters = self._restore_adapters(step, meta, config)
+                from gpt2jax import lora
+
+                return config, lora.merge(load_base(meta["lora"]["base"], config), adapters)
             expected = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
             if "int8" in meta:  # written by `python -m gpt2jax.quantize`
                 options = int8.options(meta["int8"])
@@ -201,6 +212,38 @@ class Checkpointer:
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
         return found
+
+    def load_adapters(self):
+        """(Adapters, base reference {'source', 'sha256'}) of the newest LoRA checkpoint."""
+
+        def read(step, meta):
+            if "lora" not in meta:
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory}/{step} holds a full model, not LoRA adapters: "
+                    f"read it with gpt2jax.checkpoint.load"
+                )
+            config = GPTConfig.from_dict(meta["config"])
+            return self._restore_adapters(step, meta, config), meta["lora"]["base"]
+
+        found = self._newest_readable(read, quarantine=False)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        return found
+
+    def _restore_adapters(self, step: int, meta: dict, config: GPTConfig):
+        from gpt2jax import lora
+
+        lora_config = lora.LoRAConfig.from_dict(meta["lora"]["config"])
+        expected = jax.eval_shape(lambda: lora.init(lora_config, config, jax.random.PRNGKey(0)))
+        expected = _abstract_on(expected.tree,
+                                jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        where = f"checkpoint {self.directory}/{step} adapters"
+        check_tree(self._manager.item_metadata(step)["params"].tree, expected, where)
+        tree = self._manager.restore(
+            step, args=ocp.args.Composite(params=ocp.args.StandardRestore(expected))
+        )["params"]
+        check_tree(tree, expected, where)
+        return lora.Adapters(tree=tree, config=lora_config, base=config)
 
     def _newest_readable(self, read: Callable, *, quarantine: bool):
         steps = sorted(self._manager.all_steps(), reverse=True)
@@ -237,18 +280,98 @@ class Checkpointer:
         self._manager.close()
 
 
-def load(directory: str | os.PathLike) -> tuple[GPTConfig, dict]:
-    """(config, params) from the newest readable checkpoint, for sampling and evaluation
-    (`python -m gpt2jax.sample --ckpt DIR`). `directory` is a checkpoint folder or a
-    training run's folder holding one in `checkpoints/`."""
+def _reader(directory: str | os.PathLike) -> Checkpointer:
     directory = Path(directory)
     if (directory / "checkpoints").is_dir():
         directory = directory / "checkpoints"
-    ckpt = Checkpointer(directory, keep=None, read_only=True)
+    return Checkpointer(directory, keep=None, read_only=True)
+
+
+def load(directory: str | os.PathLike) -> tuple[GPTConfig, dict]:
+    """(config, params) from the newest readable checkpoint, for sampling and evaluation
+    (`python -m gpt2jax.sample --ckpt DIR`). `directory` is a checkpoint folder or a
+    training run's folder holding one in `checkpoints/`. A LoRA checkpoint gives its base
+    with the adapters merged in (K + s·A·B: the adapted model at the base's speed)."""
+    ckpt = _reader(directory)
     try:
         return ckpt.load_params()
     finally:
         ckpt.close()
+
+
+def load_adapters(directory: str | os.PathLike):
+    """(Adapters, base reference) of a LoRA fine-tune's newest checkpoint, unmerged (to
+    export with `lora.save_peft`, or to measure)."""
+    ckpt = _reader(directory)
+    try:
+        return ckpt.load_adapters()
+    finally:
+        ckpt.close()
+
+
+def load_model(source: str, *, block_size: int | None = None) -> tuple[GPTConfig, dict]:
+    """(config, params) from 'ckpt:DIR' (a gpt2jax checkpoint), 'hf:DIR' (a Hugging Face
+    GPT-2 folder) or a hub name ('gpt2', 'openai-community/gpt2-medium', ...).
+
+    block_size crops learned positions to a shorter context (as nanoGPT does); it never
+    grows one."""
+    from gpt2jax import hf
+
+    if source.startswith("ckpt:"):
+        config, params = load(source.removeprefix("ckpt:"))
+    elif source.startswith("hf:"):
+        config, params = hf.load(source.removeprefix("hf:"))
+    elif source in hf.HUB_NAMES or source.startswith("openai-community/"):
+        config, params = hf.load(source)
+    else:
+        raise ValueError(
+            f"model source {source!r} is not understood: use hf:DIR (a Hugging Face GPT-2 "
+            f"folder), ckpt:DIR (a gpt2jax checkpoint folder) or a hub name "
+            f"({', '.join(hf.HUB_NAMES)})"
+        )
+    if block_size is not None and block_size < config.block_size:
+        config = config.replace(block_size=block_size)
+        if "wpe" in params:
+            params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][:block_size]}}
+    return config, params
+
+
+def source_reference(source: str) -> str:
+    """`source` with a relative DIR made absolute, so a checkpoint finds its base from any
+    working directory."""
+    for prefix in ("ckpt:", "hf:"):
+        if source.startswith(prefix):
+            return prefix + str(Path(source.removeprefix(prefix)).absolute())
+    return source
+
+
+def fingerprint(params) -> str:
+    """sha256 over every leaf's path, shape, dtype and bytes: the identity of a base model."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.asarray(leaf)
+        digest.update(f"{_path_str(path)}:{array.shape}:{array.dtype};".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def load_base(reference: dict, config: GPTConfig) -> dict:
+    """The frozen base a LoRA checkpoint refers to ({'source', 'sha256'}), checked to be the
+    very model the adapters were trained on."""
+    base_config, params = load_model(reference["source"], block_size=config.block_size)
+    same_fields = {"dropout": config.dropout, "dtype": config.dtype}  # run-time choices
+    if base_config.replace(**same_fields) != config:
+        raise CheckpointMismatchError(
+            f"the base at {reference['source']} is not the model these adapters were trained "
+            f"on: its config is {base_config.to_dict()}, the adapters' {config.to_dict()}"
+        )
+    if fingerprint(params) != reference["sha256"]:
+        raise CheckpointMismatchError(
+            f"the base at {reference['source']} has changed since the adapters were trained "
+            f"(sha256 of its arrays differs from {reference['sha256'][:12]}...): restore that "
+            f"base, or fine-tune again from the new one"
+        )
+    return jax.tree.map(jnp.asarray, params)
 
 
 def save_params(directory: str | os.PathLike, config: GPTConfig, params, *,

@@ -37,6 +37,7 @@ TARGETS = {
 }
 # the output columns each slot writes, as thirds of the fused qkv output (or all of it)
 _SLOT_THIRDS = {"": None, "q_": 0, "v_": 2}
+FACTOR_NAMES = tuple(slot + factor for slot in _SLOT_THIRDS for factor in "ab")  # leaf names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,13 @@ class LoRAConfig:
                 f"LoRAConfig.dropout={self.dropout!r}: adapter dropout is not implemented; "
                 f"use 0.0 (regularize with the model's dropout instead)"
             )
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoRAConfig:
+        return cls(**d)
 
     @property
     def scale(self) -> float:

@@ -200,7 +200,7 @@ def test_init_from_checkpoint_and_hugging_face_folder(straight, tmp_path):
         assert result.config.model == config
         first[source[:2]] = result.losses[0]
     assert first["ck"] == first["hf"] < reference.losses[0] - 0.5
-    with pytest.raises(ValueError, match="--init-from 'gpt3' is not understood"):
+    with pytest.raises(ValueError, match="model source .gpt3. is not understood"):
         train(cfg.replace(out=str(tmp_path / "x"), init_from="gpt3"), progress=False)
 
 

@@ -1,4 +1,10 @@
-"""python -m train --preset shakespeare [flags]: parse arguments, call train.train()."""
+"""python -m train --preset shakespeare [flags]: parse arguments, call train.train().
+
+LoRA fine-tuning of a trained model on new text:
+
+    python -m train --init-from ckpt:out/shakespeare --lora-rank 8 --lora-alpha 16 --rslora \
+        --data my_text.txt --out out/lora --max-steps 300
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import argparse
 import sys
 
 from gpt2jax import config as model_config_lib
+from gpt2jax import lora
 from gpt2jax.checkpoint import CheckpointMismatchError
 from gpt2jax.config import GPTConfig
 from gpt2jax.sharding import parse_mesh
@@ -41,6 +48,7 @@ TRAIN_FLAGS = (
     ("--max-minutes", "max_minutes", float), ("--init-from", "init_from", str),
     ("--peak-flops", "peak_flops", float), ("--sample-tokens", "sample_tokens", int),
     ("--temperature", "temperature", float), ("--top-k", "top_k", int),
+    ("--lora-rank", "lora_rank", int), ("--lora-alpha", "lora_alpha", float),
 )
 
 
@@ -64,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias", dest="bias", action="store_true")
     for flag, field, typ in TRAIN_FLAGS:
         p.add_argument(flag, dest=field, type=typ, help=f"TrainConfig.{field}")
+    p.add_argument("--rslora", action="store_true", default=None,
+                   help="with --lora-rank: scale adapters by alpha/sqrt(r) instead of alpha/r")
+    p.add_argument("--lora-targets", dest="lora_targets", nargs="+", metavar="TARGET",
+                   help=f"with --lora-rank: modules to adapt ({', '.join(lora.TARGETS)}; "
+                   f"default c_attn.qv)")
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from the newest complete checkpoint in --out")
     p.add_argument("--mesh", help="device mesh, e.g. data=4 (data parallel over 4 devices)")
@@ -82,7 +95,8 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     model_changes.update(tie_embeddings=args.tie_embeddings, bias=args.bias)
     model = model.replace(**{k: v for k, v in model_changes.items() if v is not None})
     changes = {field: getattr(args, field) for _, field, _ in TRAIN_FLAGS}
-    changes.update(resume=args.resume, fsdp=args.fsdp,
+    changes.update(resume=args.resume, fsdp=args.fsdp, rslora=args.rslora,
+                   lora_targets=tuple(args.lora_targets) if args.lora_targets else None,
                    mesh_data=parse_mesh(args.mesh) if args.mesh else None)
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.max_minutes == 0:  # no time budget

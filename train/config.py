@@ -7,11 +7,14 @@ import json
 from typing import Any
 
 from gpt2jax.config import GPTConfig
+from gpt2jax.lora import LoRAConfig
 
 # Fields that change the sequence of updates: a resumed run must match the checkpoint's.
+# (init_from is not one: a LoRA base is checked by its sha256, wherever it now lies.)
 TRAJECTORY_FIELDS = (
     "model", "seed", "batch_size", "grad_accum", "max_steps", "lr", "min_lr",
-    "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip",
+    "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "lora_rank",
+    "lora_alpha", "rslora", "lora_targets",
 )
 
 
@@ -39,6 +42,10 @@ class TrainConfig:
     max_minutes: float | None = None  # wall-clock budget of the whole run, final eval included
     resume: bool = False
     init_from: str | None = None  # hf:DIR | gpt2 (or another hub name) | ckpt:DIR
+    lora_rank: int = 0  # > 0: train rank-r adapters over the frozen init_from model
+    lora_alpha: float = 16.0
+    rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
+    lora_targets: tuple[str, ...] = ("c_attn.qv",)
     mesh_data: int = 1  # devices on the 'data' axis
     fsdp: bool = False  # shard params and optimizer state over 'data' too
     peak_flops: float | None = None  # per device, for MFU; measured with a matmul when None
@@ -66,6 +73,23 @@ class TrainConfig:
             )
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes={self.max_minutes} must be > 0")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives lists
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"lora_rank={self.lora_rank!r} must be 0 (off) or a positive int")
+        if self.lora_rank:
+            self.lora_config()  # validates alpha and targets
+            if self.init_from is None:
+                raise ValueError(
+                    f"lora_rank={self.lora_rank} needs a base model to adapt: pass --init-from "
+                    f"ckpt:DIR, hf:DIR or gpt2"
+                )
+
+    def lora_config(self) -> LoRAConfig | None:
+        """The adapters' config, or None for full training."""
+        if not self.lora_rank:
+            return None
+        return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha,
+                          targets=self.lora_targets, rslora=self.rslora)
 
     @property
     def tokens_per_step(self) -> int:

@@ -15,17 +15,20 @@ import math
 import jax
 import optax
 
+from gpt2jax.lora import FACTOR_NAMES
+
 # Leaves that are matrices in the math (matmul kernels, the embedding tables, an untied
-# head). Decided by name, not ndim: the scanned layers stack norm scales as [L, D], which
-# are 2-D arrays but still per-channel gains.
-_DECAYED_LEAVES = ("kernel", "embedding", "lm_head")
+# head, LoRA's A and B factors). Decided by name, not ndim: the scanned layers stack norm
+# scales as [L, D], which are 2-D arrays but still per-channel gains.
+_DECAYED_LEAVES = ("kernel", "embedding", "lm_head", *FACTOR_NAMES)
 
 
 def decay_mask(params) -> dict:
-    """True where weight decay applies: matmul kernels and embeddings; False for norm
-    scales/biases and linear biases. Decaying a norm gain pulls it toward 0, which shrinks
-    the signal rather than regularizing a function; biases are too few to overfit with and
-    GPT-2/nanoGPT leave them out too."""
+    """True where weight decay applies: matmul kernels, embeddings and LoRA factors (decay
+    pulls an adapter toward the base); False for norm scales/biases and linear biases.
+    Decaying a norm gain pulls it toward 0, which shrinks the signal rather than
+    regularizing a function; biases are too few to overfit with and GPT-2/nanoGPT leave
+    them out too."""
 
     def is_decayed(path, _):
         return getattr(path[-1], "key", None) in _DECAYED_LEAVES

@@ -3,7 +3,9 @@
 State (a plain dict, so orbax saves it as is and sharding rules see plain paths):
 
     step       int32 []        optimizer steps taken
-    params     the model's param tree
+    params     the trainable tree: the model's params, or with LoRA the adapters' tree
+               (then the frozen base is a separate argument of every step, never in
+               the state, so it gets no gradient, no optimizer state and no update)
     opt_state  optax state of `optimizer`
     rng        uint32 [2]      base PRNG key; step s uses fold_in(rng, s), so dropout masks
                                depend only on (seed, step) and resume replays them exactly
@@ -17,6 +19,7 @@ import optax
 
 from gpt2jax import model
 from gpt2jax.config import GPTConfig
+from gpt2jax.lora import Adapters, LoRAConfig
 
 
 def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> dict:
@@ -28,34 +31,45 @@ def init_state(params, optimizer: optax.GradientTransformation, seed: int) -> di
     }
 
 
-def token_losses(params, x_BT, y_BT, config: GPTConfig, *, rng=None):
+def token_losses(params, x_BT, y_BT, config: GPTConfig, *, rng=None, lora=None):
     """Cross-entropy float32 [B, T] of predicting y from x (dropout on when rng is given)."""
     logits_BTV, _ = model.apply(
-        params, x_BT, config, deterministic=rng is None, rng=rng
+        params, x_BT, config, deterministic=rng is None, rng=rng, lora=lora
     )
     return optax.softmax_cross_entropy_with_integer_labels(logits_BTV, y_BT)
 
 
-def make_train_step(config: GPTConfig, optimizer: optax.GradientTransformation):
-    """step(state, x_KBT, y_KBT, lr) -> (state, metrics): K micro-batches of [B, T], one
-    update of size lr (a float32 scalar from the host's schedule, so it never recompiles).
+def _model_inputs(trainable, base, config: GPTConfig, lora_config: LoRAConfig | None):
+    """(params, lora) for the model: the trainable tree is the params, or the adapters."""
+    if lora_config is None:
+        return trainable, None
+    return base, Adapters(tree=trainable, config=lora_config, base=config)
+
+
+def make_train_step(config: GPTConfig, optimizer: optax.GradientTransformation,
+                    lora_config: LoRAConfig | None = None):
+    """step(state, x_KBT, y_KBT, lr[, base]) -> (state, metrics): K micro-batches of [B, T],
+    one update of size lr (a float32 scalar from the host's schedule, so it never recompiles).
+    With lora_config, `base` is the frozen model under the adapters in state["params"].
 
     Gradients of the K micro-batches are averaged inside one jitted call (lax.scan), so
     accumulation costs no host round trips and the update equals one batch of K*B rows."""
     dropout = config.dropout > 0
 
-    def micro_loss(params, x_BT, y_BT, rng):
-        return token_losses(params, x_BT, y_BT, config, rng=rng if dropout else None).mean()
+    def micro_loss(trainable, base, x_BT, y_BT, rng):
+        params, lora = _model_inputs(trainable, base, config, lora_config)
+        return token_losses(params, x_BT, y_BT, config, rng=rng if dropout else None,
+                            lora=lora).mean()
 
-    grad_fn = jax.value_and_grad(micro_loss)
+    grad_fn = jax.value_and_grad(micro_loss)  # w.r.t. the trainable tree only
 
-    def step(state, x_KBT, y_KBT, lr):
+    def step(state, x_KBT, y_KBT, lr, base=None):
         key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
         K = x_KBT.shape[0]
 
         def accumulate(carry, inputs):
             k, x_BT, y_BT = inputs
-            loss, grads = grad_fn(state["params"], x_BT, y_BT, jax.random.fold_in(key, k))
+            loss, grads = grad_fn(state["params"], base, x_BT, y_BT, jax.random.fold_in(key, k))
             return jax.tree.map(jnp.add, carry, (loss, grads)), None
 
         zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state["params"]))
@@ -78,11 +92,12 @@ def make_train_step(config: GPTConfig, optimizer: optax.GradientTransformation):
     return step
 
 
-def make_eval_step(config: GPTConfig):
-    """eval(params, x_BT, y_BT, w_B) -> (sum of w * row-mean loss, sum of w)."""
+def make_eval_step(config: GPTConfig, lora_config: LoRAConfig | None = None):
+    """eval(trainable, x_BT, y_BT, w_B[, base]) -> (sum of w * row-mean loss, sum of w)."""
 
-    def evaluate(params, x_BT, y_BT, w_B):
-        row_loss_B = token_losses(params, x_BT, y_BT, config).mean(-1)
+    def evaluate(trainable, x_BT, y_BT, w_B, base=None):
+        params, lora = _model_inputs(trainable, base, config, lora_config)
+        row_loss_B = token_losses(params, x_BT, y_BT, config, lora=lora).mean(-1)
         return (row_loss_B * w_B).sum(), w_B.sum()
 
     return evaluate

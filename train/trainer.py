@@ -28,7 +28,8 @@ from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from gpt2jax import checkpoint as ckpt_lib
-from gpt2jax import hf, sharding, tokenizer
+from gpt2jax import lora as lora_lib
+from gpt2jax import sharding, tokenizer
 from gpt2jax.config import GPTConfig
 from gpt2jax.generate import generate
 from gpt2jax.model import init_params
@@ -74,25 +75,10 @@ def initial_params(cfg: TrainConfig) -> tuple[GPTConfig, dict]:
 
     With --init-from the architecture is the source's; only dropout, the compute dtype and
     a smaller block_size (learned positions cropped, as nanoGPT does) come from cfg.model."""
-    source = cfg.init_from
-    if source is None:
+    if cfg.init_from is None:
         return cfg.model, init_params(cfg.model, jax.random.PRNGKey(cfg.seed))
-    if source.startswith("ckpt:"):
-        config, params = ckpt_lib.load(source.removeprefix("ckpt:"))
-    elif source.startswith("hf:"):
-        config, params = hf.load(source.removeprefix("hf:"))
-    elif source in hf.HUB_NAMES or source.startswith("openai-community/"):
-        config, params = hf.load(source)
-    else:
-        raise ValueError(
-            f"--init-from {source!r} is not understood: use hf:DIR (a Hugging Face GPT-2 "
-            f"folder), ckpt:DIR (a gpt2jax checkpoint folder) or a hub name "
-            f"({', '.join(hf.HUB_NAMES)})"
-        )
-    block = min(cfg.model.block_size, config.block_size)
-    if "wpe" in params:
-        params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][:block]}}
-    config = config.replace(dropout=cfg.model.dropout, dtype=cfg.model.dtype, block_size=block)
+    config, params = ckpt_lib.load_model(cfg.init_from, block_size=cfg.model.block_size)
+    config = config.replace(dropout=cfg.model.dropout, dtype=cfg.model.dtype)
     return config, jax.tree.map(jnp.asarray, params)
 
 
@@ -130,14 +116,17 @@ class _StopFlag:
 # ---------------------------------------------------------------------------- pieces
 
 
-def evaluate(eval_fn, params, tokens, cfg: TrainConfig, batch_sharding, max_batches=None):
-    """Mean loss over the non-overlapping windows of `tokens` (see data.eval_batches)."""
+def evaluate(eval_fn, params, tokens, cfg: TrainConfig, batch_sharding, max_batches=None,
+             frozen=()):
+    """Mean loss over the non-overlapping windows of `tokens` (see data.eval_batches);
+    `frozen` is (base,) under LoRA adapters, () otherwise."""
     total, weight = 0.0, 0.0
     w_sharding = sharding.batch_sharding(batch_sharding.mesh, 1)
     for x, y, w in data_lib.eval_batches(tokens, cfg.model.block_size, cfg.batch_size,
                                          max_batches):
         s, n = eval_fn(params, sharding.put_global(x, batch_sharding),
-                       sharding.put_global(y, batch_sharding), sharding.put_global(w, w_sharding))
+                       sharding.put_global(y, batch_sharding), sharding.put_global(w, w_sharding),
+                       *frozen)
         total, weight = total + float(s), weight + float(n)
     return total / weight
 
@@ -198,6 +187,11 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     this machine is today; without it everything depends on the step alone, and a resumed
     run is bit-for-bit the run that was never interrupted.
 
+    With cfg.lora_rank > 0 the run fine-tunes LoRA adapters over the frozen --init-from
+    model: the adapters are the train state's params (the only tree that gets gradients,
+    optimizer state and checkpoints); the base is an argument of every step, never updated,
+    and checkpoints refer to it by source and sha256.
+
     on_step(step, metrics) runs after every optimizer step (eval programs, tests)."""
     t_start = time.perf_counter()
     sharding.initialize_distributed()
@@ -213,6 +207,15 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
 
     model_config, params = initial_params(cfg)
     cfg = cfg.replace(model=model_config)
+    lora_config = cfg.lora_config()
+    frozen, lora_meta = (), {}
+    if lora_config is not None:  # params become the frozen base; the adapters train
+        base = params
+        params = lora_lib.init(lora_config, model_config,
+                               jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)).tree
+        lora_meta = {"lora": {"config": lora_config.to_dict(), "base": {
+            "source": ckpt_lib.source_reference(cfg.init_from),
+            "sha256": ckpt_lib.fingerprint(base)}}}
     K, B, T = cfg.grad_accum, cfg.batch_size, model_config.block_size
     sampler = data_lib.BatchSampler(train_tokens, B, T, cfg.seed)
     mesh = sharding.make_mesh(cfg.mesh_data)
@@ -226,11 +229,18 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
         jax.eval_shape(init, params), state_sh,
     )
 
+    frozen_sh = ()
+    if lora_config is not None:
+        frozen_sh = (sharding.state_shardings(base, mesh, cfg.fsdp),)
+        frozen = (jax.device_put(base, frozen_sh[0]),)
+        del base
+    trainable_count = sum(x.size for x in jax.tree.leaves(params))
+
     checkpoints = ckpt_lib.Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
     losses: list[float] = []
     clock = {"before_s": 0.0, "warmup_end_s": None}  # time spent by earlier processes
     if cfg.resume:
-        state, meta = _restore(checkpoints, abstract, cfg, data_dir, data_meta)
+        state, meta = _restore(checkpoints, abstract, cfg, data_dir, data_meta, lora_meta)
         clock = {"before_s": meta["elapsed_s"], "warmup_end_s": meta["warmup_end_s"]}
         if main_process:
             losses = _truncate_metrics(metrics_path, int(state["step"]))
@@ -245,13 +255,14 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     b_sh = sharding.batch_sharding(mesh, 2)  # [B, T]
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = jax.jit(
-        step_lib.make_train_step(model_config, optimizer),
-        in_shardings=(state_sh, x_sh, x_sh, replicated), out_shardings=(state_sh, replicated),
-        donate_argnums=0,
+        step_lib.make_train_step(model_config, optimizer, lora_config),
+        in_shardings=(state_sh, x_sh, x_sh, replicated, *frozen_sh),
+        out_shardings=(state_sh, replicated), donate_argnums=0,
     )
     eval_fn = jax.jit(
-        step_lib.make_eval_step(model_config),
-        in_shardings=(state_sh["params"], b_sh, b_sh, sharding.batch_sharding(mesh, 1)),
+        step_lib.make_eval_step(model_config, lora_config),
+        in_shardings=(state_sh["params"], b_sh, b_sh, sharding.batch_sharding(mesh, 1),
+                      *frozen_sh),
         out_shardings=(replicated, replicated),
     )
     peak = (cfg.peak_flops or perf.measure_peak_flops(model_config.dtype)) * mesh.size
@@ -270,13 +281,13 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
         checkpoints.save(step, state, config=model_config, extra={
             "train_config": cfg.to_dict(), "sampler": sampler.state(step),
             "data_sha256": data_meta["source_sha256"], "elapsed_s": elapsed(),
-            "warmup_end_s": clock["warmup_end_s"],
+            "warmup_end_s": clock["warmup_end_s"], **lora_meta,
         })
         return time.perf_counter() - t
 
     def run_eval(max_batches=None):
         t = time.perf_counter()
-        loss = evaluate(eval_fn, state["params"], val_tokens, cfg, b_sh, max_batches)
+        loss = evaluate(eval_fn, state["params"], val_tokens, cfg, b_sh, max_batches, frozen)
         n = min(max_batches or full_eval_batches, full_eval_batches)
         log({"step": step, "val_loss": loss, "time_s": round(elapsed(), 3),
              "eval_windows": n * B})
@@ -311,7 +322,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
             lr = schedule(step, fraction)
             x, y = sampler.batch(step, (K, B))
             state, m = train_step(state, sharding.put_global(x, x_sh),
-                                  sharding.put_global(y, x_sh), np.float32(lr))
+                                  sharding.put_global(y, x_sh), np.float32(lr), *frozen)
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 last = checkpoints.steps()
@@ -375,6 +386,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     if stopped != "signal" and cfg.sample_tokens > 0:
         # Every process gathers the (possibly FSDP-sharded) params and samples the same text.
         params = multihost_utils.process_allgather(state["params"], tiled=True)
+        if lora_config is not None:  # sample from the merged model, as `sample --ckpt` does
+            base = multihost_utils.process_allgather(frozen[0], tiled=True)
+            params = lora_lib.merge(base, lora_lib.Adapters(params, lora_config, model_config))
         sample = sample_text(params, model_config, cfg)
     result = TrainResult(
         config=cfg, step=step, stopped=stopped, losses=losses, val_loss=val_loss,
@@ -386,13 +400,13 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
         summary = {k: v for k, v in dataclasses.asdict(result).items()
                    if k not in ("losses", "config")}
         summary.update(config=cfg.to_dict(), out=str(out), peak_flops=peak,
-                       flops_per_token=flops_per_token,
+                       flops_per_token=flops_per_token, trainable_params=trainable_count,
                        final_train_loss=losses[-1] if losses else None)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return result
 
 
-def _restore(checkpoints, abstract, cfg: TrainConfig, data_dir, data_meta):
+def _restore(checkpoints, abstract, cfg: TrainConfig, data_dir, data_meta, lora_meta):
     """(state, meta) to resume from, after checking the run would continue unchanged."""
     restored = checkpoints.restore(abstract, config=cfg.model)
     if restored is None:
@@ -411,5 +425,11 @@ def _restore(checkpoints, abstract, cfg: TrainConfig, data_dir, data_meta):
         raise ckpt_lib.CheckpointMismatchError(
             f"--resume on other data: the checkpoint was trained on source sha256 "
             f"{meta['data_sha256']}, {data_dir} holds {data_meta['source_sha256']}"
+        )
+    if lora_meta and meta["lora"]["base"]["sha256"] != lora_meta["lora"]["base"]["sha256"]:
+        raise ckpt_lib.CheckpointMismatchError(
+            f"--resume over another base: the adapters were trained on "
+            f"{meta['lora']['base']['source']} (sha256 {meta['lora']['base']['sha256'][:12]}...), "
+            f"--init-from {cfg.init_from} has sha256 {lora_meta['lora']['base']['sha256'][:12]}..."
         )
     return state, meta
