@@ -191,6 +191,12 @@ def _kernel_deltas(adapters: Adapters):
             yield module, cols, delta
 
 
+def delta_norm(adapters: Adapters) -> float:
+    """‖s·A·B‖_F over every adapted kernel and layer: how far the adapters moved the model."""
+    return float(jnp.sqrt(sum(jnp.sum(d.astype(jnp.float32) ** 2)
+                              for _, _, d in _kernel_deltas(adapters))))
+
+
 def _apply_deltas(params, adapters: Adapters, sign: float):
     check_compatible(adapters, adapters.base)
     out = jax.tree_util.tree_map(lambda x: x, params)  # new dict nodes, shared leaves

@@ -82,6 +82,9 @@ def test_merge_equals_adapters_and_unmerge_restores(base_params, rslora):
     np.testing.assert_allclose(merged, unmerged, atol=1e-5 * scale, rtol=0)
     chex.assert_trees_all_close(lora.unmerge(merged_params, adapters), base_params,
                                 atol=1e-6, rtol=0)
+    moved = jax.tree.map(lambda m, b: jnp.sum((m - b) ** 2), merged_params, base_params)
+    assert lora.delta_norm(adapters) == pytest.approx(
+        float(jnp.sqrt(sum(jax.tree.leaves(moved)))), rel=1e-3)
 
 
 def test_qv_only_touches_q_and_v_columns(base_params):

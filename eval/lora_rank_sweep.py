@@ -1,0 +1,253 @@
+"""Claim 1: LoRA's alpha/r scale starves high ranks; rsLoRA's alpha/sqrt(r) does not.
+
+    python -m eval.lora_rank_sweep [--quick] [--out DIR] [--work DIR] [--base ckpt:DIR]
+
+Tiny Shakespeare is cut at 80% of its characters: a base model is trained on the first part
+(the earlier plays); LoRA and rsLoRA adapters on q and v are then fine-tuned on the last part
+(other plays, other names) at ranks 4, 16, 64 and 256 with the same alpha, learning rate,
+steps, data order and seed, through `python -m train`'s own code path (`train()` with
+lora_rank). Recorded per run: the train-loss curve, the held-out val loss of the last part,
+‖ΔW‖ = ‖s·A·B‖_F over the adapted kernels, and the trainable count. Writes
+lora_rank_sweep.json and .png to --out (default eval/results; --quick: eval/results/quick);
+the texts, the base and the adapter runs go to --work (default out/lora_rank_sweep[_quick]).
+
+The prediction (SPECS §2.5, the rsLoRA paper): with alpha/r the update shrinks as r grows, so
+LoRA's curves bunch together (or get worse) with rank while rsLoRA's keep improving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from eval.common import RESULTS, write_json
+from gpt2jax import checkpoint, lora
+from train import TrainConfig, train
+from train import config as train_config
+from train import data as data_lib
+
+RANKS = (4, 16, 64, 256)
+METHODS = ("lora", "rslora")
+BASE_SHARE = 0.8  # of the characters: the base trains on the first part
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    base_minutes: float
+    base_warmup: int
+    base_model: dict  # GPTConfig changes to the shakespeare recipe's model
+    batch_size: int
+    steps: int
+    warmup: int
+    eval_every: int
+    alpha: float = 16.0
+    lr: float = 1e-3
+
+
+FULL = Plan(base_minutes=6.0, base_warmup=100, base_model={}, batch_size=8, steps=200, warmup=20,
+            eval_every=50)
+# The smallest model on which rank 256 exists for q and v (n_embd 256), short sequences.
+QUICK = Plan(base_minutes=0.4, base_warmup=20, base_model={"n_layer": 2, "block_size": 64},
+             batch_size=4,
+             steps=16, warmup=2, eval_every=10_000)
+
+
+def split_text(out: Path) -> tuple[Path, Path]:
+    """(base text, fine-tune text): the first 80% and the last 20% of Tiny Shakespeare."""
+    text = data_lib.shakespeare_path().read_text()
+    cut = text.rfind("\n\n", 0, int(len(text) * BASE_SHARE))  # at a speech boundary
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "base.txt").write_text(text[:cut])
+    (out / "finetune.txt").write_text(text[cut:])
+    return out / "base.txt", out / "finetune.txt"
+
+
+def prepared(text: Path, block_size: int) -> Path:
+    target = text.with_suffix("")
+    if not data_lib.is_prepared(target):
+        data_lib.prepare(text, target, block_size=block_size)
+    return target
+
+
+def train_base(plan: Plan, data: Path, out: Path) -> str:
+    recipe = train_config.preset("shakespeare")
+    cfg = recipe.replace(
+        model=recipe.model.replace(**plan.base_model), data=str(data), out=str(out),
+        batch_size=plan.batch_size, max_minutes=plan.base_minutes, eval_every=10**9,
+        ckpt_every=10**9, sample_tokens=0, peak_flops=1.0, warmup_steps=plan.base_warmup,
+    )
+    result = train(cfg, progress=True)
+    print(f"base: {result.step} steps, val loss {result.val_loss:.3f} on its own text")
+    return f"ckpt:{out}"
+
+
+def finetune(plan: Plan, base: str, data: Path, out: Path, method: str, rank: int,
+             block_size: int) -> dict:
+    base_model = checkpoint.load_model(base)[0]
+    cfg = TrainConfig(
+        model=base_model.replace(block_size=block_size), data=str(data), out=str(out),
+        init_from=base, lora_rank=rank, lora_alpha=plan.alpha, rslora=method == "rslora",
+        batch_size=plan.batch_size, max_steps=plan.steps, warmup_steps=plan.warmup,
+        lr=plan.lr, min_lr=plan.lr / 10, weight_decay=0.0, eval_every=plan.eval_every,
+        eval_batches=0, ckpt_every=10**9, sample_tokens=0, peak_flops=1.0, seed=0,
+    )
+    t = time.perf_counter()
+    result = train(cfg, progress=False)
+    adapters, _ = checkpoint.load_adapters(out)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {
+        "method": method, "rank": rank, "scale": adapters.config.scale,
+        "trainable": lora.count(adapters)["trainable"],
+        "train_loss": result.losses,
+        "val_curve": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
+        "val_loss": result.val_loss, "delta_norm": lora.delta_norm(adapters),
+        "wall_s": time.perf_counter() - t,
+    }
+
+
+def base_val_loss(base: str, data: Path, block_size: int) -> float:
+    """The base's loss on the fine-tune val split, before any adapter step."""
+    from eval.perplexity import sliding_window_nll
+
+    config, params = checkpoint.load_model(base, block_size=block_size)
+    nll, _ = sliding_window_nll(params, config, np.asarray(data_lib.load_split(data, "val")),
+                                progress=False)
+    return nll
+
+
+def verdict(runs: list[dict], base_loss: float) -> dict:
+    """Numbers that decide the claim: the spread of final val loss across ranks per method,
+    whether it falls with rank, and the ‖ΔW‖ ratio from rank 4 to 256."""
+    out = {}
+    for method in METHODS:
+        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["rank"])
+        vals = [r["val_loss"] for r in mine]
+        norms = [r["delta_norm"] for r in mine]
+        out[method] = {
+            "val_loss_by_rank": dict(zip(RANKS, vals, strict=True)),
+            "gain_vs_base_by_rank": {k: base_loss - v for k, v in zip(RANKS, vals, strict=True)},
+            "spread": max(vals) - min(vals),
+            "improves_with_rank": bool(np.all(np.diff(vals) <= 1e-3)),
+            "delta_norm_r256_over_r4": norms[-1] / norms[0],
+        }
+    lora_val, rs_val = (out[m]["val_loss_by_rank"] for m in METHODS)
+    margin = 0.005  # nats: below this, two losses count as the same
+    rs_improves = rs_val[256] < rs_val[4] - margin
+    lora_stalls = lora_val[256] >= lora_val[4] - margin
+    rs_wins_high = rs_val[256] < lora_val[256] - margin
+    out["rslora_minus_lora_val_at_r256"] = rs_val[256] - lora_val[256]
+    out["verdict"] = ("holds" if rs_improves and lora_stalls and rs_wins_high
+                      else "holds in part" if rs_wins_high else "does not hold")
+    return out
+
+
+def plot(runs: list[dict], base_loss: float, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    colors = dict(zip(RANKS, ("C0", "C1", "C2", "C3"), strict=True))
+    for ax, method in zip(axes[:2], METHODS, strict=True):
+        for r in (r for r in runs if r["method"] == method):
+            loss = np.asarray(r["train_loss"])
+            n = max(1, min(10, len(loss) // 5))
+            smooth = np.convolve(loss, np.ones(n) / n, mode="valid")
+            ax.plot(np.arange(n, len(loss) + 1), smooth, color=colors[r["rank"]],
+                    label=f"r={r['rank']} (s={r['scale']:.3g}): val {r['val_loss']:.3f}")
+        ax.axhline(base_loss, color="gray", ls=":", label=f"base val {base_loss:.3f}")
+        ax.set_title(f"{'LoRA alpha/r' if method == 'lora' else 'rsLoRA alpha/sqrt(r)'}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"train loss ({n}-step mean)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    for method, style in zip(METHODS, ("o-", "s-"), strict=True):
+        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["rank"])
+        ax.plot([r["rank"] for r in mine], [r["val_loss"] for r in mine], style, label=method)
+    ax.axhline(base_loss, color="gray", ls=":", label="base (no adapters)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("held-out val loss after fine-tuning")
+    ax.grid(alpha=0.3)
+    twin = ax.twinx()
+    for method, style in zip(METHODS, ("o--", "s--"), strict=True):
+        mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["rank"])
+        twin.plot([r["rank"] for r in mine], [r["delta_norm"] for r in mine], style, alpha=0.5,
+                  label=f"‖ΔW‖ {method}")
+    twin.set_yscale("log")
+    twin.set_ylabel("‖s·A·B‖_F (dashed)")
+    ax.legend(loc="upper left", fontsize=8)
+    twin.legend(loc="upper right", fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(quick: bool, out: Path, work: Path, base: str | None = None) -> dict:
+    plan = QUICK if quick else FULL
+    t0 = time.perf_counter()
+    base_text, finetune_text = split_text(work)
+    block = train_config.preset("shakespeare").model.replace(**plan.base_model).block_size
+    finetune_data = prepared(finetune_text, block)
+    if base is None:
+        base = train_base(plan, prepared(base_text, block), work / "base")
+    block = min(block, checkpoint.load_model(base)[0].block_size)
+    base_loss = base_val_loss(base, finetune_data, block)
+    runs = []
+    from tqdm.auto import tqdm
+
+    for method, rank in tqdm([(m, r) for m in METHODS for r in RANKS], desc="fine-tunes"):
+        runs.append(finetune(plan, base, finetune_data, work / f"{method}_r{rank}", method,
+                             rank, block))
+        tqdm.write(f"{method:7s} r={rank:<4d} val {runs[-1]['val_loss']:.4f} "
+                   f"‖ΔW‖ {runs[-1]['delta_norm']:.3f} ({runs[-1]['wall_s']:.0f} s)")
+    result = {
+        "command": f"python -m eval.lora_rank_sweep{' --quick' if quick else ''}",
+        "plan": dataclasses.asdict(plan), "base": base, "base_val_loss": base_loss,
+        "block_size": block, "runs": runs, "verdict": verdict(runs, base_loss),
+        "wall_s": time.perf_counter() - t0,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "lora_rank_sweep.json", result)
+    plot(runs, base_loss, out / "lora_rank_sweep.png",
+         f"LoRA vs rsLoRA on q,v: fine-tuning on unseen plays, alpha={plan.alpha}, "
+         f"lr={plan.lr}, {plan.steps} steps")
+    print(table(result))
+    return result
+
+
+def table(result: dict) -> str:
+    lines = ["| method | rank | scale | trainable | val loss | gain vs base | ‖ΔW‖ |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["runs"]:
+        lines.append(f"| {r['method']} | {r['rank']} | {r['scale']:.4g} | {r['trainable']:,} | "
+                     f"{r['val_loss']:.4f} | {result['base_val_loss'] - r['val_loss']:+.4f} | "
+                     f"{r['delta_norm']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m eval.lora_rank_sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a 2-layer base, 16 steps per rank")
+    p.add_argument("--out", type=Path, help="results folder (default eval/results[/quick])")
+    p.add_argument("--work", type=Path, help="texts, base and adapter runs "
+                   "(default out/lora_rank_sweep, or out/lora_rank_sweep_quick)")
+    p.add_argument("--base", help="ckpt:DIR or hf:DIR: a base to adapt instead of training "
+                   "one (it should not have seen the last 20%% of Tiny Shakespeare)")
+    args = p.parse_args(argv)
+    out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    work = args.work or Path("out") / f"lora_rank_sweep{'_quick' if args.quick else ''}"
+    run(args.quick, out, work, args.base)
+
+
+if __name__ == "__main__":
+    main()
