@@ -3,8 +3,10 @@ and the way results are written (JSON + PNG under eval/results/)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from gpt2jax import checkpoint
 from gpt2jax.config import GPTConfig
 from train import config as train_config
 from train import data as data_lib
-from train.trainer import resolve_data, train
+from train.trainer import NonFiniteLossError, resolve_data, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,6 +41,42 @@ def trained_model(*, ckpt: str | None, quick: bool, out: str | Path,
     train(recipe, progress=True)
     config, params = checkpoint.load(Path(out))
     return config, params, val
+
+
+def shakespeare_data(work: str | Path) -> Path:
+    """Tiny Shakespeare encoded once into work/data (a prepared folder)."""
+    recipe = train_config.preset("shakespeare")
+    return resolve_data(recipe.replace(out=str(work)))
+
+
+def train_variant(cfg: train_config.TrainConfig, work: str | Path, name: str) -> dict:
+    """Train `cfg` (its `out` replaced by a folder under work/ named after `name` and a hash
+    of the config) and return its curves; a finished run with the same config is reused, so
+    experiments that share a baseline train it once. A run whose loss turns NaN/inf is
+    recorded as diverged rather than raised."""
+    key = hashlib.sha256(cfg.replace(out="").to_json().encode()).hexdigest()[:10]
+    out = Path(work) / f"{name}-{key}"
+    cfg = cfg.replace(out=str(out))
+    done = out / "variant.json"
+    if done.exists():
+        return json.loads(done.read_text())
+    t = time.perf_counter()
+    try:
+        result = train(cfg, progress=False)
+        diverged, final_val, steps = False, result.val_loss, result.step
+    except NonFiniteLossError:
+        diverged, final_val, steps = True, None, None
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    row = {
+        "name": name, "config": cfg.to_dict(), "diverged": diverged,
+        "steps": steps if steps is not None else len(losses),
+        "tokens": len(losses) * cfg.tokens_per_step, "train_loss": losses,
+        "val_curve": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
+        "val_loss": final_val, "wall_s": time.perf_counter() - t,
+    }
+    done.write_text(json.dumps(row))
+    return row
 
 
 def val_loss(params, config: GPTConfig, val_tokens, *, max_tokens: int | None = None) -> float:

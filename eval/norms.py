@@ -1,0 +1,175 @@
+"""Claim 4: pre-LN trains stably, post-LN can reach better quality but needs warmup; DeepNorm
+claims both.
+
+    python -m eval.norms [--quick] [--out eval/results] [--work out/claims]
+
+1. Gradient norms at initialisation, per layer, for pre-LN, post-LN and DeepNorm at depths 6
+   and 12 (one batch of Tiny Shakespeare): Xiong et al. (2020) predict post-LN's grow toward
+   the output layer, pre-LN's do not (and shrink with depth).
+2. Training a 12-layer, 128-dim model at learning rates {3e-4, 1e-3, 3e-3}, without warmup and
+   with 50 warmup steps, no gradient clipping (clipping hides exactly the instability under
+   test), same data order and steps: diverged (NaN/inf) or not, and the final val loss.
+
+Writes norms.json and norms.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from eval.common import RESULTS, shakespeare_data, train_variant, write_json
+from gpt2jax.config import GPTConfig
+from gpt2jax.model import init_params
+from train import TrainConfig
+from train import data as data_lib
+from train.step import token_losses
+
+PLACEMENTS = ("pre", "post", "deepnorm")
+LRS = (3e-4, 1e-3, 3e-3)
+UNIGRAM_LOSS = 6.52  # Tiny Shakespeare's unigram entropy (nats): above it, nothing was learned
+
+
+def init_grad_norms(depth: int, n_embd: int, tokens: np.ndarray, block: int) -> dict:
+    """{placement: [‖∇ block l‖ for l in 0..depth-1]} at initialisation, one batch of 8."""
+    x = np.asarray(tokens[: 8 * block], np.int32).reshape(8, block)
+    y = np.asarray(tokens[1: 8 * block + 1], np.int32).reshape(8, block)
+    out = {}
+    for placement in PLACEMENTS:
+        config = GPTConfig(n_layer=depth, n_head=4, n_embd=n_embd, block_size=block,
+                           norm_placement=placement)
+        params = init_params(config, jax.random.key(0))
+        loss = lambda p, c=config: token_losses(p, x, y, c).mean()
+        grads = jax.jit(jax.grad(loss))(params)
+        squares = sum(np.sum(np.asarray(g, np.float64) ** 2, axis=tuple(range(1, g.ndim)))
+                      for g in jax.tree.leaves(grads["h"]))  # [L]: stacked over layers
+        out[placement] = np.sqrt(squares).tolist()
+    return out
+
+
+def recipe(quick: bool, data: Path) -> TrainConfig:
+    if quick:
+        return TrainConfig(model=GPTConfig(n_layer=4, n_head=2, n_embd=64, block_size=32),
+                           data=str(data), batch_size=4, max_steps=20, warmup_steps=0, lr=1e-3,
+                           min_lr=1e-4, grad_clip=0.0, eval_every=10**9, eval_batches=2,
+                           ckpt_every=10**9, sample_tokens=0, peak_flops=1.0)
+    return TrainConfig(model=GPTConfig(n_layer=12, n_head=4, n_embd=128, block_size=64),
+                       data=str(data), batch_size=8, max_steps=300, warmup_steps=0, lr=1e-3,
+                       min_lr=1e-4, grad_clip=0.0, eval_every=100, eval_batches=8, ckpt_every=10**9,
+                       sample_tokens=0, peak_flops=1.0)
+
+
+def run(quick: bool, out: Path, work: Path) -> dict:
+    data = shakespeare_data(work)
+    train_tokens = np.asarray(data_lib.load_split(data, "train"))
+    depths = (2, 4) if quick else (6, 12)
+    width = 64 if quick else 256
+    grads = {d: init_grad_norms(d, width, train_tokens, 64) for d in depths}
+    for d, by in grads.items():
+        for placement, norms in by.items():
+            print(f"depth {d:>2} {placement:<8} ‖∇‖ first {norms[0]:.3f} last {norms[-1]:.3f} "
+                  f"(last/first {norms[-1] / norms[0]:.2f})")
+    base = recipe(quick, data)
+    lrs = (3e-3,) if quick else LRS
+    warmups = (0,) if quick else (0, 50)
+    runs = []
+    for placement in PLACEMENTS:
+        for lr in lrs:
+            for warmup in warmups:
+                cfg = base.replace(model=base.model.replace(norm_placement=placement), lr=lr,
+                                   min_lr=lr / 10, warmup_steps=warmup)
+                row = train_variant(cfg, work, f"norm-{placement}-lr{lr:g}-w{warmup}")
+                row.update(placement=placement, lr=lr, warmup=warmup)
+                runs.append(row)
+                outcome = "DIVERGED" if row["diverged"] else f"val {row['val_loss']:.4f}"
+                print(f"{placement:<8} lr {lr:<6g} warmup {warmup:<3d} {outcome}")
+    result = {
+        "command": f"python -m eval.norms{' --quick' if quick else ''}",
+        "init_grad_norms": {str(d): v for d, v in grads.items()}, "grad_width": width,
+        "train": {k: v for k, v in base.to_dict().items() if k not in ("out", "data")},
+        "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs],
+        "verdict": verdict(grads, runs),
+    }
+    write_json(out / "norms.json", result)
+    plot(result, out / "norms.png")
+    return result
+
+
+def verdict(grads: dict, runs: list[dict]) -> dict:
+    deepest = grads[max(grads)]
+    growth = {p: deepest[p][-1] / deepest[p][0] for p in PLACEMENTS}
+    best = {}
+    for placement in PLACEMENTS:
+        ok = [r for r in runs if r["placement"] == placement and not r["diverged"]]
+        best[placement] = min((r["val_loss"] for r in ok), default=None)
+    failed = {p: [f"lr {r['lr']:g} warmup {r['warmup']}" for r in runs
+                  if r["placement"] == p and (r["diverged"] or r["val_loss"] > UNIGRAM_LOSS)]
+              for p in PLACEMENTS}
+    return {"grad_last_over_first_deepest": growth, "best_val_loss": best,
+            "failed_runs": failed}
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depths = list(result["init_grad_norms"])
+    fig, axes = plt.subplots(1, len(depths) + 1, figsize=(5 * (len(depths) + 1), 4.5))
+    for ax, depth in zip(axes, depths, strict=False):
+        for i, (placement, norms) in enumerate(result["init_grad_norms"][depth].items()):
+            ax.plot(np.arange(1, len(norms) + 1), norms, "o-", color=f"C{i}", label=placement)
+        ax.set_yscale("log")
+        ax.set_xlabel("layer (1 = next to the embeddings)")
+        ax.set_ylabel("‖∇ params of the layer‖ at init")
+        ax.set_title(f"depth {depth}, width {result['grad_width']}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax = axes[-1]
+    runs = result["runs"]
+    lrs = sorted({r["lr"] for r in runs})
+    warmups = sorted({r["warmup"] for r in runs})
+    width = 0.8 / (len(PLACEMENTS) * len(warmups))
+    for i, placement in enumerate(PLACEMENTS):
+        for j, warmup in enumerate(warmups):
+            xs, hs = [], []
+            for k, lr in enumerate(lrs):
+                row = next(r for r in runs if (r["placement"], r["lr"], r["warmup"])
+                           == (placement, lr, warmup))
+                xs.append(k + (i * len(warmups) + j) * width - 0.4 + width / 2)
+                hs.append(np.nan if row["diverged"] else row["val_loss"])
+            ax.bar(xs, hs, width, color=f"C{i}", alpha=1.0 if warmup else 0.5,
+                   hatch=None if warmup else "//", label=f"{placement}, warmup {warmup}")
+            for x, h in zip(xs, hs, strict=True):
+                if np.isnan(h):
+                    ax.annotate("NaN", (x, 0), ha="center", va="bottom", fontsize=7,
+                                color=f"C{i}", xycoords=("data", "axes fraction"))
+    ax.set_xticks(range(len(lrs)), [f"lr {lr:g}" for lr in lrs])
+    finite = [r["val_loss"] for r in runs if not r["diverged"]]
+    if finite:
+        ax.set_ylim(min(finite) - 0.1, max(finite) + 0.1)
+    ax.set_ylabel("final val loss (no clipping)")
+    ax.set_title("training: hatched = no warmup")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m eval.norms", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="depths 2 and 4, one lr, 20 steps")
+    p.add_argument("--out", type=Path, help="default eval/results (quick: eval/results/quick)")
+    p.add_argument("--work", type=Path, default=Path("out/claims"),
+                   help="training runs (reused when their config is unchanged)")
+    args = p.parse_args(argv)
+    run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.work)
+
+
+if __name__ == "__main__":
+    main()

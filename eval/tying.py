@@ -1,0 +1,120 @@
+"""Claim 3: tying lm_head to wte saves ~30% of GPT-2 small, and almost nothing at scale.
+
+    python -m eval.tying [--quick] [--out eval/results] [--work out/claims]
+
+The parameter table comes from the shapes of every preset (tied and untied); the training
+comparison trains `baby` tied and untied with the same data, steps and learning rate (the
+tied run is the positions experiment's learned run: same config, trained once). Writes
+tying.json and tying.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from eval.common import RESULTS, shakespeare_data, train_variant, write_json
+from eval.positions import recipe
+from gpt2jax.config import PRESETS, GPTConfig
+from gpt2jax.model import param_breakdown
+
+
+def parameter_table() -> list[dict]:
+    """Per preset: the tied count, what untying adds, and the embeddings' share of each."""
+    rows = []
+    for name in PRESETS:
+        tied = param_breakdown(GPTConfig.preset(name))
+        untied = param_breakdown(GPTConfig.preset(name, tie_embeddings=False))
+        rows.append({
+            "preset": name, "tied": tied["total"], "untied": untied["total"],
+            "lm_head_extra": untied["total"] - tied["total"],
+            "wte_share_tied_pct": 100 * tied["token_embedding"] / tied["total"],
+            "embedding_share_tied_pct": tied["embedding_share_pct"],
+            "saved_by_tying_pct": 100 * (untied["total"] - tied["total"]) / untied["total"],
+        })
+    return rows
+
+
+def run(quick: bool, out: Path, work: Path) -> dict:
+    table = parameter_table()
+    for r in table:
+        print(f"{r['preset']:<12} tied {r['tied']:>13,}  untied {r['untied']:>13,}  "
+              f"wte share {r['wte_share_tied_pct']:5.1f}%  tying saves "
+              f"{r['saved_by_tying_pct']:5.1f}%")
+    base = recipe(quick, shakespeare_data(work))
+    runs = {}
+    for tied in (True, False):
+        cfg = base.replace(model=base.model.replace(pos_embedding="learned",
+                                                    tie_embeddings=tied))
+        runs["tied" if tied else "untied"] = train_variant(
+            cfg, work, "pos-learned" if tied else "untied")
+    runs["tied"]["params"] = param_breakdown(base.model)["total"]
+    runs["untied"]["params"] = param_breakdown(base.model.replace(tie_embeddings=False))["total"]
+    for name, row in runs.items():
+        print(f"{name:<7} {row['params']:>12,} params  val {row['val_loss']:.4f}")
+    by = {r["preset"]: r for r in table}
+    result = {
+        "command": f"python -m eval.tying{' --quick' if quick else ''}",
+        "table": table, "runs": runs,
+        "tokens_per_run": base.max_steps * base.tokens_per_step,
+        "verdict": {
+            "gpt2_wte_share_pct": by["gpt2"]["wte_share_tied_pct"],
+            "gpt2-xl_wte_share_pct": by["gpt2-xl"]["wte_share_tied_pct"],
+            "baby_val_untied_minus_tied": runs["untied"]["val_loss"] - runs["tied"]["val_loss"],
+        },
+    }
+    write_json(out / "tying.json", result)
+    plot(result, out / "tying.png")
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    table = result["table"]
+    names = [r["preset"] for r in table]
+    x = np.arange(len(names))
+    ax1.bar(x - 0.2, [r["tied"] / 1e6 for r in table], 0.4, label="tied")
+    ax1.bar(x + 0.2, [r["untied"] / 1e6 for r in table], 0.4, label="untied")
+    for i, r in enumerate(table):
+        ax1.annotate(f"wte {r['wte_share_tied_pct']:.1f}%", (i, r["untied"] / 1e6),
+                     ha="center", va="bottom", fontsize=8)
+    ax1.set_xticks(x, names)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("parameters (millions)")
+    ax1.set_title("what tying saves: the share of the token embedding")
+    ax1.legend()
+    for name, row in result["runs"].items():
+        loss = np.asarray(row["train_loss"])
+        n = max(1, min(20, len(loss) // 5))
+        ax2.plot(np.arange(n, len(loss) + 1), np.convolve(loss, np.ones(n) / n, "valid"),
+                 lw=1, label=f"{name} ({row['params'] / 1e6:.1f}M): val {row['val_loss']:.3f}")
+    ax2.set_xlabel("step")
+    ax2.set_ylabel("train loss")
+    ax2.set_title(f"baby, same tokens ({result['tokens_per_run']:,})")
+    ax2.grid(alpha=0.3)
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m eval.tying", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="a 2-layer toy for the training part")
+    p.add_argument("--out", type=Path, help="default eval/results (quick: eval/results/quick)")
+    p.add_argument("--work", type=Path, default=Path("out/claims"),
+                   help="training runs (reused when their config is unchanged)")
+    args = p.parse_args(argv)
+    run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.work)
+
+
+if __name__ == "__main__":
+    main()
