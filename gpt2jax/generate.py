@@ -10,6 +10,10 @@ the batch size and whether top-p filtering is on at all are static.
 A ragged batch is prefilled right-padded; then each row's length is set to its own prompt
 length, so decoding writes row b's next key at lengths[b] and the causal mask (key position
 <= query position) hides the pad that the prefill left behind it.
+
+`kv_cache` picks the cache kind (`kvcache.make_cache`): None (float in the model's dtype),
+"float32" / "bfloat16" / "float16", or a `TurboQuantConfig` (keys and values stored as
+TurboQuant codes). It is static: each kind is its own program, the decode scan the same.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gpt2jax.config import GPTConfig
-from gpt2jax.kvcache import init_cache
+from gpt2jax.kvcache import check_cache_kind, make_cache
 from gpt2jax.model import apply, unstack_layers
 
 MIN_BUCKET = 16
@@ -165,13 +169,14 @@ def _prepare(prompts, config: GPTConfig, max_new_tokens, temperature, top_k, top
 
 def generate(params, config: GPTConfig, prompts, *, max_new_tokens: int, key,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, use_cache: bool = True) -> jax.Array:
+             eos_id: int | None = None, use_cache: bool = True, kv_cache=None) -> jax.Array:
     """Continue each prompt by `max_new_tokens` tokens: int32 [batch, max_new_tokens].
 
     prompts: list of token-id lists, lengths may differ (a ragged batch). key: PRNG key;
     the same key gives the same samples. temperature 0 is greedy. Once a row emits `eos_id`
     it keeps emitting it. `use_cache=False` is the reference path: the full forward over a
-    fixed-size token buffer at every step, giving the same tokens more slowly.
+    fixed-size token buffer at every step, giving the same tokens more slowly. `kv_cache`:
+    what the cache stores (module docstring), e.g. `TurboQuantConfig(bits=3)`.
 
     params may be stacked (as `init_params`, `hf.load` and `checkpoint.load` give them) or
     `model.unstack_layers(params)`: each call unstacks them first, a copy of the layer
@@ -179,19 +184,24 @@ def generate(params, config: GPTConfig, prompts, *, max_new_tokens: int, key,
     """
     tokens_BP, lengths_B, max_len = _prepare(
         prompts, config, max_new_tokens, temperature, top_k, top_p, eos_id)
+    if kv_cache is not None and not use_cache:
+        raise ValueError(
+            f"kv_cache={kv_cache!r} needs use_cache=True: the no-cache path stores no keys; "
+            f"drop kv_cache or set use_cache=True")
+    check_cache_kind(kv_cache, config)
     return _generate(
         params, tokens_BP, lengths_B, key, jnp.float32(temperature),
         jnp.float32(1.0 if top_p is None else top_p), jnp.int32(-1 if eos_id is None else eos_id),
         config=config, max_new_tokens=int(max_new_tokens), max_len=max_len,
         top_k=None if top_k is None else int(top_k),
-        nucleus=top_p is not None, use_cache=use_cache,
+        nucleus=top_p is not None, use_cache=use_cache, kv_cache=kv_cache,
     )
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "config", "max_new_tokens", "max_len", "top_k", "nucleus", "use_cache"))
+    "config", "max_new_tokens", "max_len", "top_k", "nucleus", "use_cache", "kv_cache"))
 def _generate(params, tokens_BP, lengths_B, key, temperature, top_p, eos_id, *, config,
-              max_new_tokens, max_len, top_k, nucleus, use_cache):
+              max_new_tokens, max_len, top_k, nucleus, use_cache, kv_cache):
     B, P = tokens_BP.shape
     rows_B = jnp.arange(B)
     last_B1 = (lengths_B - 1)[:, None]  # index of each row's last prompt token
@@ -204,7 +214,7 @@ def _generate(params, tokens_BP, lengths_B, key, temperature, top_p, eos_id, *, 
         return tok_B, done_B | (tok_B == eos_id)
 
     if use_cache:
-        cache = init_cache(config, B, max_len, jnp.dtype(config.dtype))
+        cache = make_cache(config, B, max_len, kv_cache)
         logits_B1V, cache = apply(params, tokens_BP, config, cache=cache, logits_at=last_B1)
         state = cache.replace(lengths=lengths_B)  # rows continue after their own prompt
 

@@ -10,22 +10,45 @@ Interface every cache kind implements (so attention never branches on the kind):
 - `advance(T) -> cache`: the rows' lengths grow by T once every layer has written;
 - `nbytes`: the bytes its arrays hold.
 
-Memory: 2 (k and v) x n_layer x batch x max_len x n_embd x bytes per element.
+Kinds: `KVCache` (float, `init_cache`) and `TurboQuantCache` (`init_turboquant_cache`: packed
+TurboQuant codes, SPECS §1.11, plus an optional float window of the most recent tokens);
+`make_cache` builds either from the `kv_cache` argument of `generate`.
+
+Memory: 2 (k and v) x n_layer x batch x max_len x n_embd x bytes per element for the float
+cache; TurboQuant replaces the bytes per element by `turboquant.bits_per_value / 8`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 
 from gpt2jax.config import GPTConfig
+from gpt2jax.quant.turboquant import TurboQuantConfig
+
+CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
 
 def heads_to_rows(x_BTHD):
     """[B, T, H, D] -> [B*H, T, D]: one attention row per (batch, head) pair, b*H + h."""
     B, T, H, D = x_BTHD.shape
     return x_BTHD.transpose(0, 2, 1, 3).reshape(B * H, T, D)
+
+
+def rows_to_heads(x_NTD, batch: int):
+    """[B*H, T, D] -> [B, T, H, D], the inverse of `heads_to_rows`."""
+    N, T, D = x_NTD.shape
+    return x_NTD.reshape(batch, N // batch, T, D).transpose(0, 2, 1, 3)
+
+
+def masked_softmax(scores_BHTS, mask_BTS, probs_dropout=None):
+    """Softmax over the keys of scaled float32 scores, masked keys getting exactly 0."""
+    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
+    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
+    return probs_BHTS if probs_dropout is None else probs_dropout(probs_BHTS)
 
 
 def masked_attention(q_BTHD, k_NSD, v_NSD, mask_BTS, probs_dropout=None):
@@ -39,16 +62,12 @@ def masked_attention(q_BTHD, k_NSD, v_NSD, mask_BTS, probs_dropout=None):
     scores_NTS = jnp.einsum(
         "NTD,NSD->NTS", heads_to_rows(q_BTHD), k_NSD, preferred_element_type=jnp.float32
     ) * D**-0.5
-    scores_BHTS = scores_NTS.reshape(B, H, T, -1)
-    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
-    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-    if probs_dropout is not None:
-        probs_BHTS = probs_dropout(probs_BHTS)
+    probs_BHTS = masked_softmax(scores_NTS.reshape(B, H, T, -1), mask_BTS, probs_dropout)
     out_NTD = jnp.einsum(
         "NTS,NSD->NTD", probs_BHTS.reshape(B * H, T, -1).astype(v_NSD.dtype), v_NSD,
         preferred_element_type=jnp.float32,
     )
-    return out_NTD.reshape(B, H, T, D).transpose(0, 2, 1, 3).astype(q_BTHD.dtype)
+    return rows_to_heads(out_NTD, B).astype(q_BTHD.dtype)
 
 
 def causal_mask(q_positions_BT, num_keys: int):
@@ -56,13 +75,26 @@ def causal_mask(q_positions_BT, num_keys: int):
     return jnp.arange(num_keys)[None, None, :] <= q_positions_BT[:, :, None]
 
 
+def _row_positions(lengths_B, heads: int, T: int):
+    """[B*H, T] positions of T new tokens of each row: lengths[b] + t."""
+    return jnp.repeat(lengths_B, heads)[:, None] + jnp.arange(T)[None, :]
+
+
+def _scatter_rows(buf_tree, new_tree, index_NT):
+    """buf[n, index[n, t]] = new[n, t] for every leaf pair ([N, S, ...] and [N, T, ...]);
+    in place inside jit/scan. Indices >= S are dropped: callers size the cache (generate does,
+    up front), and the window write drops on purpose."""
+    rows_N1 = jnp.arange(index_NT.shape[0])[:, None]
+    return jax.tree.map(
+        lambda buf, new: buf.at[rows_N1, index_NT].set(new.astype(buf.dtype), mode="drop"),
+        buf_tree, new_tree,
+    )
+
+
 def _write_rows(buf_NSD, new_BTHD, lengths_B):
-    """Scatter new_BTHD into buf[b*H + h, lengths[b] + t]; in place inside jit/scan."""
+    """Scatter new_BTHD into buf[b*H + h, lengths[b] + t]."""
     B, T, H, _ = new_BTHD.shape
-    pos_NT = jnp.repeat(lengths_B, H)[:, None] + jnp.arange(T)[None, :]
-    rows_N1 = jnp.arange(B * H)[:, None]
-    # Writes past max_len are dropped: callers size the cache (generate does, up front).
-    return buf_NSD.at[rows_N1, pos_NT].set(heads_to_rows(new_BTHD).astype(buf_NSD.dtype))
+    return _scatter_rows(buf_NSD, heads_to_rows(new_BTHD), _row_positions(lengths_B, H, T))
 
 
 def _replace_at(items: tuple, i: int, item) -> tuple:
@@ -105,8 +137,7 @@ class KVCache:
         return self.replace(lengths=self.lengths + num_tokens)
 
 
-def init_cache(config: GPTConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """Zeroed buffers for `batch` rows of up to `max_len` tokens each."""
+def _check_size(config: GPTConfig, batch: int, max_len: int) -> None:
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got {batch=}, {max_len=}")
     if config.pos_embedding == "learned" and max_len > config.block_size:
@@ -114,6 +145,174 @@ def init_cache(config: GPTConfig, batch: int, max_len: int, dtype=jnp.float32) -
             f"max_len={max_len} exceeds block_size={config.block_size}: learned positions (wpe) "
             f"have no embedding beyond it; use max_len <= {config.block_size}"
         )
+
+
+def init_cache(config: GPTConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    """Zeroed buffers for `batch` rows of up to `max_len` tokens each."""
+    _check_size(config, batch, max_len)
     shape = (batch * config.n_head, max_len, config.head_dim)
-    layers = tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
-    return KVCache(k=layers, v=layers, lengths=jnp.zeros((batch,), jnp.int32))
+    # distinct buffers, not one shared: a caller may donate the cache to a jitted step
+    layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
+    return KVCache(k=layers(), v=layers(), lengths=jnp.zeros((batch,), jnp.int32))
+
+
+# ---------------------------------------------------------------------------- TurboQuant
+
+_EMPTY = jnp.iinfo(jnp.int32).max  # the position of an empty window slot: no query sees it
+
+
+@functools.cache
+def turboquant_quantizers(tq_config: TurboQuantConfig, head_dim: int, layer: int):
+    """(keys, values) quantizers of one layer, seeded by (seed, layer): built once per
+    process, as concrete arrays even when first asked for inside a trace, so every program
+    embeds the same rotations as constants."""
+    with jax.ensure_compile_time_eval():
+        return tq_config.make_quantizers(head_dim, stream=(layer,))
+
+
+@struct.dataclass
+class TurboQuantCache:
+    """TurboQuant cache (`quant/turboquant.py`). k, v: per layer, codes pytrees (packed uint8
+    indices, float16 norms) with leaves [batch * head, max_len, ...], quantized at write time;
+    attention scores come from the key codes with the query rotated once, and values are
+    summed in the rotated space and rotated back once. lengths [batch] as in `KVCache`.
+
+    Window (`tq.window` > 0): k_window, v_window per layer [batch * head, W, head_dim] hold
+    the exact keys/values of the W most recently written positions, position p in slot
+    p % W; window_pos [batch, W] says which position each slot holds. A key is read exactly
+    while its slot still holds it, from its codes otherwise (which exist for every position),
+    so the window never changes what is attended to, only how precisely. In a ragged prefill a
+    short row's pad also passes through the window and can evict up to (pad length) of its
+    last prompt tokens until decoding overwrites the pad; those keys fall back to their codes.
+
+    The quantizers are not fields: a static field must hash and compare, which arrays do not.
+    The static `tq` config and head_dim determine them (`turboquant_quantizers`), so two caches
+    of one config have one tree structure and one compiled program."""
+
+    k: tuple
+    v: tuple
+    lengths: jax.Array
+    k_window: tuple[jax.Array, ...]
+    v_window: tuple[jax.Array, ...]
+    window_pos: jax.Array | None
+    tq: TurboQuantConfig = struct.field(pytree_node=False)
+    head_dim: int = struct.field(pytree_node=False)
+
+    @property
+    def max_len(self) -> int:
+        return jax.tree_util.tree_leaves(self.k[0])[0].shape[1]
+
+    @property
+    def window(self) -> int:
+        return 0 if self.window_pos is None else self.window_pos.shape[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
+
+    def quantizers(self, layer: int):
+        return turboquant_quantizers(self.tq, self.head_dim, layer)
+
+    def write(self, layer: int, k_BTHD, v_BTHD) -> TurboQuantCache:
+        _, T, H, _ = k_BTHD.shape
+        k_quantizer, v_quantizer = self.quantizers(layer)
+        pos_NT = _row_positions(self.lengths, H, T)
+        new_k = _scatter_rows(self.k[layer], k_quantizer.quantize(heads_to_rows(k_BTHD)), pos_NT)
+        new_v = _scatter_rows(self.v[layer], v_quantizer.quantize(heads_to_rows(v_BTHD)), pos_NT)
+        cache = self.replace(k=_replace_at(self.k, layer, new_k),
+                             v=_replace_at(self.v, layer, new_v))
+        return cache if self.window_pos is None else cache._write_window(layer, k_BTHD, v_BTHD)
+
+    def _write_window(self, layer: int, k_BTHD, v_BTHD) -> TurboQuantCache:
+        _, T, H, _ = k_BTHD.shape
+        W = self.window
+        pos_BT = self.lengths[:, None] + jnp.arange(T)[None, :]
+        # Of a chunk longer than W only the last W tokens (earlier ones share their slots);
+        # nothing past max_len, like the codes. Slot W is out of range: dropped.
+        keep_BT = (jnp.arange(T)[None, :] >= T - W) & (pos_BT < self.max_len)
+        slot_BT = jnp.where(keep_BT, pos_BT % W, W)
+        slot_NT = jnp.repeat(slot_BT, H, axis=0)
+        put = lambda bufs, new_BTHD: _replace_at(
+            bufs, layer, _scatter_rows(bufs[layer], heads_to_rows(new_BTHD), slot_NT))
+        return self.replace(
+            k_window=put(self.k_window, k_BTHD),
+            v_window=put(self.v_window, v_BTHD),
+            # every layer writes the same positions: rewriting them is a no-op
+            window_pos=_scatter_rows(self.window_pos, pos_BT, slot_BT),
+        )
+
+    def attend(self, layer: int, q_BTHD, q_positions_BT):
+        B, T, H, D = q_BTHD.shape
+        S = self.max_len
+        k_quantizer, v_quantizer = self.quantizers(layer)
+        q_NTD = heads_to_rows(q_BTHD)
+        scores_NTS = k_quantizer.scores(k_quantizer.prepare_query(q_NTD), self.k[layer])
+        mask_BTS = causal_mask(q_positions_BT, S)
+        if self.window_pos is not None:  # the window's W exact keys after the S coded ones
+            held_BS = self.window_pos[:, jnp.arange(S) % self.window] == jnp.arange(S)
+            exact_NTW = jnp.einsum("NTD,NWD->NTW", q_NTD, self.k_window[layer],
+                                   preferred_element_type=jnp.float32)
+            scores_NTS = jnp.concatenate([scores_NTS, exact_NTW], axis=-1)
+            mask_BTS = jnp.concatenate(
+                [mask_BTS & ~held_BS[:, None, :],
+                 self.window_pos[:, None, :] <= q_positions_BT[:, :, None]], axis=-1)
+        probs_BHTS = masked_softmax((scores_NTS * D**-0.5).reshape(B, H, T, -1), mask_BTS)
+        probs_NTS = probs_BHTS.reshape(B * H, T, -1)
+        out_NTD = v_quantizer.weighted_sum(probs_NTS[..., :S], self.v[layer])
+        if self.window_pos is not None:
+            v_window = self.v_window[layer]
+            out_NTD = out_NTD + jnp.einsum("NTW,NWD->NTD", probs_NTS[..., S:].astype(
+                v_window.dtype), v_window, preferred_element_type=jnp.float32)
+        return rows_to_heads(out_NTD, B).astype(q_BTHD.dtype)
+
+    def advance(self, num_tokens: int) -> TurboQuantCache:
+        return self.replace(lengths=self.lengths + num_tokens)
+
+
+def _check_turboquant(tq_config, head_dim: int) -> None:
+    if not isinstance(tq_config, TurboQuantConfig):
+        raise ValueError(
+            f"tq_config={tq_config!r} is invalid: pass a TurboQuantConfig, e.g. "
+            f"TurboQuantConfig(bits=3)")
+    tq_config.check(head_dim)  # e.g. an outlier split that leaves too few regular channels
+
+
+def init_turboquant_cache(config: GPTConfig, batch: int, max_len: int,
+                          tq_config: TurboQuantConfig, dtype=jnp.float32) -> TurboQuantCache:
+    """Zeroed codes for `batch` rows of up to `max_len` tokens each; the window (if any)
+    holds min(tq_config.window, max_len) tokens in `dtype`."""
+    _check_size(config, batch, max_len)
+    _check_turboquant(tq_config, config.head_dim)
+    N, D = batch * config.n_head, config.head_dim
+    layers = [turboquant_quantizers(tq_config, D, i) for i in range(config.n_layer)]
+    rows = jax.ShapeDtypeStruct((N, max_len, D), jnp.float32)
+    zeros = lambda quantizer: jax.tree.map(  # zeroed codes, shaped without computing any
+        lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(quantizer.quantize, rows))
+    W = min(tq_config.window, max_len)
+    window = lambda: tuple(jnp.zeros((N, W, D), dtype) for _ in layers) if W else ()
+    return TurboQuantCache(
+        k=tuple(zeros(k) for k, _ in layers), v=tuple(zeros(v) for _, v in layers),
+        lengths=jnp.zeros((batch,), jnp.int32),
+        k_window=window(), v_window=window(),
+        window_pos=jnp.full((batch, W), _EMPTY, jnp.int32) if W else None,
+        tq=tq_config, head_dim=D,
+    )
+
+
+def check_cache_kind(kind, config: GPTConfig) -> None:
+    """Raise a ValueError naming the fix unless `make_cache` accepts kind for config."""
+    if isinstance(kind, TurboQuantConfig):
+        _check_turboquant(kind, config.head_dim)
+    elif kind is not None and kind not in CACHE_DTYPES:
+        raise ValueError(
+            f"kv_cache={kind!r} is invalid: use None (float in the model's dtype), one of "
+            f"{CACHE_DTYPES}, or TurboQuantConfig(bits=...)")
+
+
+def make_cache(config: GPTConfig, batch: int, max_len: int, kind=None):
+    """kind None: `KVCache` in config.dtype; a name of CACHE_DTYPES: `KVCache` in it; a
+    TurboQuantConfig: `TurboQuantCache` (window in config.dtype)."""
+    check_cache_kind(kind, config)
+    if isinstance(kind, TurboQuantConfig):
+        return init_turboquant_cache(config, batch, max_len, kind, jnp.dtype(config.dtype))
+    return init_cache(config, batch, max_len, jnp.dtype(kind or config.dtype))
