@@ -57,7 +57,7 @@ def recipe(quick: bool, data: Path) -> TrainConfig:
                            min_lr=1e-4, grad_clip=0.0, eval_every=10**9, eval_batches=2,
                            ckpt_every=10**9, sample_tokens=0, peak_flops=1.0)
     return TrainConfig(model=GPTConfig(n_layer=12, n_head=4, n_embd=128, block_size=64),
-                       data=str(data), batch_size=8, max_steps=300, warmup_steps=0, lr=1e-3,
+                       data=str(data), batch_size=8, max_steps=200, warmup_steps=0, lr=1e-3,
                        min_lr=1e-4, grad_clip=0.0, eval_every=100, eval_batches=8, ckpt_every=10**9,
                        sample_tokens=0, peak_flops=1.0)
 

@@ -29,14 +29,14 @@ SCHEMES = ("learned", "sinusoidal", "rope")
 
 
 def recipe(quick: bool, data: Path) -> TrainConfig:
-    """The shared training setup: baby at 300 steps x 4 x 256 tokens (quick: a 2-layer toy)."""
+    """The shared training setup: baby at 200 steps x 4 x 256 tokens (quick: a 2-layer toy)."""
     if quick:
         model_config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)
         return TrainConfig(model=model_config, data=str(data), batch_size=4, max_steps=30,
                            warmup_steps=3, lr=3e-3, min_lr=3e-4, eval_every=10**9,
                            eval_batches=2, ckpt_every=10**9, sample_tokens=0, peak_flops=1.0)
     return TrainConfig(model=GPTConfig.preset("baby"), data=str(data), batch_size=4,
-                       max_steps=300, warmup_steps=30, lr=1e-3, min_lr=1e-4, eval_every=50,
+                       max_steps=200, warmup_steps=20, lr=1e-3, min_lr=1e-4, eval_every=50,
                        eval_batches=8, ckpt_every=10**9, sample_tokens=0, peak_flops=1.0)
 
 
