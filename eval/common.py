@@ -45,6 +45,8 @@ def trained_model(*, ckpt: str | None, quick: bool, out: str | Path,
 
 def shakespeare_data(work: str | Path) -> Path:
     """Tiny Shakespeare encoded once into work/data (a prepared folder)."""
+    if data_lib.is_prepared(Path(work) / "data"):
+        return Path(work) / "data"
     recipe = train_config.preset("shakespeare")
     return resolve_data(recipe.replace(out=str(work)))
 

@@ -187,7 +187,9 @@ def run(quick: bool, out: Path, work: Path, ckpt: str | None = None) -> dict:
             "val_loss": float(nll.mean()), "perplexity": perplexity(float(nll.mean())),
             "greedy_match": float(equal.mean()),
             "tokens_before_first_difference": float(np.mean(first_diff)),
-            "cache_bytes": make_cache(config, 1, BYTES_TOKENS, kind).nbytes - 4,  # - lengths
+            # bytes of a 1024-token cache (a shape question: block_size only gates positions)
+            "cache_bytes": make_cache(config.replace(block_size=max(T, BYTES_TOKENS)), 1,
+                                      BYTES_TOKENS, kind).nbytes - 4,  # minus lengths
         }
         if isinstance(kind, TurboQuantConfig):
             row.update(score_error(qk, kind))
