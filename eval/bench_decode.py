@@ -6,11 +6,15 @@ One run, same random weights on both sides (exported with gpt2jax.hf.save and lo
 GPT2LMHeadModel), same threads, greedy decoding:
 
 - headline: batch 1, prompt 32 + 128 new tokens (--quick: 32 + 32), tokens/s of the whole
-  generate call;
+  generate call; with the cache also on int8 weights and with TurboQuant caches (3-bit mse
+  keys `tq3`, 4-bit prod keys `tq4prod`), each against the float32 cache: speed ratio,
+  share of greedy tokens equal to its (on random weights only indicative: near-tied logits
+  flip), and the cache bytes of the headline shape and of batch 1 at the longest length;
 - sweep: batch 1 and 8 at total lengths 64..1024. With the cache, the decode rate up to that
   length: a prompt of half of it, then the other half as new tokens, minus the same call
   with 1 new token (the prefill), so prefill time does not hide in it (with 32 new tokens
-  after a long prompt, the noise of a busy machine on the prefill exceeded the decode).
+  after a long prompt, the noise of a busy machine on the prefill exceeded the decode); the
+  3-bit TurboQuant cache too at batch 1 and the longest length.
   Without the cache every token costs one full forward over the sequence: 4 new tokens
   ending at that length;
 - compile time (first call minus a steady one) apart from the steady-state time, which is
@@ -41,9 +45,10 @@ from tqdm import tqdm
 from gpt2jax import hf
 from gpt2jax.config import PRESETS, GPTConfig
 from gpt2jax.generate import generate
-from gpt2jax.kvcache import init_cache
+from gpt2jax.kvcache import init_cache, make_cache
 from gpt2jax.model import init_params
 from gpt2jax.quant import int8
+from gpt2jax.quant.turboquant import TurboQuantConfig
 
 # torch's OpenMP workers spin at every barrier; on cores shared with other processes that
 # made HF 5-20x slower (baby, cache: 17.6 -> 83.5 tok/s, measured). Waiting passively is
@@ -56,6 +61,8 @@ QUICK_LENGTHS = (64, 128)
 BATCHES = (1, 8)
 HEADLINE, QUICK_HEADLINE = (32, 128), (32, 32)  # prompt tokens, new tokens
 NOCACHE_NEW = 4
+TURBOQUANT = {"tq3": TurboQuantConfig(bits=3),  # headline sides gpt2jax_<tag>
+              "tq4prod": TurboQuantConfig(bits=4, key_quantizer="prod")}
 
 
 def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 8) -> dict:
@@ -83,12 +90,13 @@ def _seconds(fn) -> float:
 class Ours:
     compiles = True
 
-    def __init__(self, config: GPTConfig, params, name: str = "gpt2jax"):
-        self.config, self.params, self.name = config, params, name
+    def __init__(self, config: GPTConfig, params, name: str = "gpt2jax", kv_cache=None):
+        self.config, self.params, self.name, self.kv_cache = config, params, name, kv_cache
 
     def __call__(self, prompts: np.ndarray, new: int, cache: bool) -> np.ndarray:
         out = generate(self.params, self.config, prompts.tolist(), max_new_tokens=new,
-                       key=jax.random.key(0), temperature=0.0, use_cache=cache)
+                       key=jax.random.key(0), temperature=0.0, use_cache=cache,
+                       kv_cache=self.kv_cache)
         return np.asarray(out)
 
 
@@ -185,24 +193,30 @@ def run(preset: str, quick: bool) -> dict:
     int8_params = int8.quantize(params)
     int8_side = Ours(config, int8_params, "gpt2jax_int8")
     int8_bytes = int8.nbytes(int8_params) - params["wpe"]["embedding"].nbytes
+    tq_sides = {tag: Ours(config, params, f"gpt2jax_{tag}", tq) for tag, tq in TURBOQUANT.items()}
 
     P, N = QUICK_HEADLINE if quick else HEADLINE
     results.update(headline_prompt=P, headline_new_tokens=N)
-    jobs = [("headline", prompt(1, P), cache, N) for cache in (True, False)]
+    cached_sides = (*sides, int8_side, *tq_sides.values())
+    jobs = [("headline", cached_sides if cache else sides, prompt(1, P), cache, N)
+            for cache in (True, False)]
     for B in BATCHES:
         for L in lengths:
-            jobs += [("sweep", prompt(B, L // 2), True, L // 2),
-                     ("sweep", prompt(B, L - NOCACHE_NEW), False, NOCACHE_NEW)]
+            # the 3-bit cache where its reads weigh most, taking turns with the float one
+            long = (B, L) == (1, lengths[-1])
+            jobs += [("sweep", (*sides, tq_sides["tq3"]) if long else sides,
+                      prompt(B, L // 2), True, L // 2),
+                     ("sweep", sides, prompt(B, L - NOCACHE_NEW), False, NOCACHE_NEW)]
 
     rows, tokens = [], {}
-    for kind, prompts, cache, new in tqdm(jobs, desc="decode benchmark", unit="point"):
+    for kind, job_sides, prompts, cache, new in tqdm(jobs, desc="decode benchmark",
+                                                     unit="point"):
         if kind == "sweep":
-            rows += measure(sides, prompts, cache, new)
+            rows += measure(job_sides, prompts, cache, new)
             continue
         # the headline is end to end: new tokens / wall seconds of the whole generate call
         suffix = "cache" if cache else "nocache"
-        headline_sides = (*sides, int8_side) if cache else sides
-        for name, (compile_s, steady, out) in timed(headline_sides, prompts, new, cache,
+        for name, (compile_s, steady, out) in timed(job_sides, prompts, new, cache,
                                                     rounds=3 if cache else 1).items():
             results[f"{name}_{suffix}_tok_s"] = new / steady
             results[f"{name}_{suffix}_compile_s"] = compile_s
@@ -213,6 +227,11 @@ def run(preset: str, quick: bool) -> dict:
             row["kv_cache_bytes"] = init_cache(config, B, L).nbytes - 4 * B  # minus lengths
             row["kv_formula_bytes"] = 2 * config.n_layer * B * L * config.n_embd * 4
     results["rows"] = rows
+    kinds = {"float32": "float32", "float16": "float16", **TURBOQUANT}
+    for key, B, L in (("kv_bytes_headline", 1, P + N), ("kv_bytes_longest", 1, lengths[-1])):
+        results[key] = {name: make_cache(config, B, L, kind).nbytes
+                        for name, kind in kinds.items()}
+    results["kv_bytes_longest_length"] = lengths[-1]
     results["load_average_end"] = os.getloadavg()
     # measured before and after the sweep: the better is what the machine can do
     end = measure_read_bandwidth()
@@ -233,6 +252,15 @@ def run(preset: str, quick: bool) -> dict:
         "greedy_tokens_match_hf": float(np.mean(
             tokens[("gpt2jax", True)] == tokens[("hf", True)])),
     })
+    for tag in TURBOQUANT:
+        results[f"{tag}_over_fp32_cache"] = results[f"gpt2jax_{tag}_cache_tok_s"] / ours
+        # random weights: logits near-tied, so one flipped token shifts the rest; indicative
+        results[f"{tag}_greedy_tokens_match_fp32"] = float(np.mean(
+            tokens[(f"gpt2jax_{tag}", True)] == tokens[("gpt2jax", True)]))
+    L = lengths[-1]
+    long_rate = {r["impl"]: r["tok_s"] for r in rows
+                 if r["cache"] and r["batch"] == 1 and r["length"] == L}
+    results[f"tq3_over_fp32_b1_L{L}"] = long_rate["gpt2jax_tq3"] / long_rate["gpt2jax"]
     for B in BATCHES:
         for L in lengths:
             rate = {(r["impl"], r["cache"]): r["tok_s"] for r in rows
@@ -264,11 +292,20 @@ def format_table(r: dict) -> str:
         f"({r['int8_over_fp32_cache']:.2f}x float32; int8 bound "
         f"{r['int8_bound_tok_s_batch1']:.1f} tok/s; greedy tokens equal to float32's: "
         f"{100 * r['int8_greedy_tokens_match_fp32']:.0f}%)",
+        *(f"  gpt2jax {tag:<8} {r[f'gpt2jax_{tag}_cache_tok_s']:8.1f} tok/s "
+          f"({r[f'{tag}_over_fp32_cache']:.2f}x float32 cache; greedy tokens equal to "
+          f"float32's: {100 * r[f'{tag}_greedy_tokens_match_fp32']:.0f}%)"
+          for tag in TURBOQUANT),
         f"  HF cache         {r['hf_cache_tok_s']:8.1f} tok/s",
         f"  HF no cache      {r['hf_nocache_tok_s']:8.1f} tok/s",
         f"  gpt2jax / HF (cache) {r['gpt2jax_over_hf_cache']:.2f}x; cache speed-up: gpt2jax "
         f"{r['gpt2jax_cache_over_nocache']:.1f}x, HF {r['hf_cache_over_nocache']:.1f}x; "
         f"greedy tokens equal to HF's: {100 * r['greedy_tokens_match_hf']:.0f}%",
+        *(f"KV cache bytes, {what}: " + ", ".join(
+            f"{name} {n:,} ({n / r[key]['float32']:.3f})" for name, n in r[key].items())
+          for key, what in (("kv_bytes_headline", f"batch 1 x {P + N} tokens"),
+                            ("kv_bytes_longest",
+                             f"batch 1 x {r['kv_bytes_longest_length']} tokens"))),
         "",
         "decode tok/s at total length (cache: the second half, prefill excluded; no cache: "
         "the last 4 tokens)",
@@ -287,6 +324,11 @@ def format_table(r: dict) -> str:
             f"{r[f'over_hf_b{B}_L{L}']:.2f}x | {ours['compile_s']:.1f} | "
             f"{ours['kv_cache_bytes'] / 1e6:.1f} | {ours['kv_formula_bytes'] / 1e6:.1f} |"
         )
+    tq3 = next(x for x in r["rows"] if x["impl"] == "gpt2jax_tq3")
+    L = tq3["length"]
+    lines.append(f"3-bit TurboQuant cache, batch 1, length {L}: {tq3['tok_s']:.1f} tok/s "
+                 f"({r[f'tq3_over_fp32_b1_L{L}']:.2f}x float32 cache, compile "
+                 f"{tq3['compile_s']:.1f} s)")
     return "\n".join(lines)
 
 

@@ -1,0 +1,56 @@
+"""The measuring instruments of the experiments, checked against direct computations."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from eval import kv_quant
+from gpt2jax import apply, init_params
+from gpt2jax.config import GPTConfig
+from gpt2jax.kvcache import init_cache
+from gpt2jax.quant.turboquant import TurboQuantConfig
+
+CONFIG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=128)
+
+
+@pytest.mark.parametrize("pos", ["learned", "rope"])
+def test_queries_and_keys_are_what_attention_caches(pos):
+    """The probe's keys equal the float cache's after a prefill (RoPE included), so its
+    queries, computed on the same line, are the ones attention uses."""
+    config = CONFIG.replace(pos_embedding=pos)
+    params = init_params(config, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, config.vocab_size)
+    _, cache = apply(params, tokens, config, cache=init_cache(config, 2, 16))
+    qk = kv_quant.queries_and_keys(params, config, tokens)
+    assert len(qk) == config.n_layer
+    for layer, (q, k) in enumerate(qk):
+        assert q.shape == k.shape == (2 * config.n_head, 16, config.head_dim)
+        np.testing.assert_allclose(k, cache.k[layer], atol=1e-5)
+
+
+def test_token_by_token_float_cache_equals_one_forward():
+    params = init_params(CONFIG, jax.random.key(0))
+    windows = jax.random.randint(jax.random.key(2), (3, 24), 0, CONFIG.vocab_size)
+    cached = kv_quant.cached_nll(params, windows, CONFIG, "float32")
+    np.testing.assert_allclose(cached, kv_quant.reference_nll(params, windows, CONFIG),
+                               atol=1e-4)
+    quantized = kv_quant.cached_nll(params, windows, CONFIG, TurboQuantConfig(bits=2))
+    assert not np.allclose(quantized, cached, atol=1e-4)  # the codes are what is read
+
+
+def test_score_error_shrinks_with_bits():
+    params = init_params(CONFIG, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(3), (2, 32), 0, CONFIG.vocab_size)
+    qk = kv_quant.queries_and_keys(params, CONFIG, tokens)
+    errors = [kv_quant.score_error(qk, TurboQuantConfig(bits=b))["score_rel_rmse"]
+              for b in (1, 2, 3, 4)]
+    assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
+    # SPECS §1.4: the relative MSE of a b-bit code is D_mse(b) (0.36, 0.117, 0.03, 0.009 at
+    # d=64); a score error is that distortion seen through q, so of order sqrt(D_mse)
+    assert 0.3 < errors[0] < 0.9 and errors[3] < 0.15
+    exact = kv_quant.score_error(qk, TurboQuantConfig(bits=4))
+    assert 0 <= exact["attention_tv"] < 0.1
+    assert jnp.isfinite(exact["score_rel_rmse"])
