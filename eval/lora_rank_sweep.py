@@ -182,9 +182,11 @@ def plot(runs: list[dict], base_loss: float, path: Path, title: str) -> None:
         twin.plot([r["rank"] for r in mine], [r["delta_norm"] for r in mine], style, alpha=0.5,
                   label=f"‖ΔW‖ {method}")
     twin.set_yscale("log")
+    norms = [r["delta_norm"] for r in runs]
+    twin.set_ylim(min(norms) / 1.3, max(norms) * 1.3)
     twin.set_ylabel("‖s·A·B‖_F (dashed)")
-    ax.legend(loc="upper left", fontsize=8)
-    twin.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="lower left", fontsize=8)
+    twin.legend(loc="center left", fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
