@@ -24,7 +24,7 @@ GPT2LMHeadModel), same threads, greedy decoding:
 - the memory-bandwidth bound: a batch-1 decode step must read every weight once, so it
   cannot beat (measured DRAM read bandwidth) / (weight bytes).
 
---quick runs the `baby` preset at lengths 64 and 128 (about a minute).
+--quick runs the `baby` preset at lengths 64 and 128, batch 1 only (about a minute).
 """
 
 from __future__ import annotations
@@ -173,6 +173,7 @@ def run(preset: str, quick: bool) -> dict:
     config = GPTConfig.preset(preset)
     params = init_params(config, jax.random.key(0))
     lengths = [n for n in (QUICK_LENGTHS if quick else LENGTHS) if n <= config.block_size]
+    batches = BATCHES[:1] if quick else BATCHES
     rng = np.random.default_rng(0)
     prompt = lambda B, P: rng.integers(0, config.vocab_size, (B, P))
 
@@ -180,7 +181,7 @@ def run(preset: str, quick: bool) -> dict:
     weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     weight_bytes -= params["wpe"]["embedding"].nbytes  # a step reads one row of it
     results = {
-        "preset": preset, "quick": quick,
+        "preset": preset, "quick": quick, "batches": list(batches),
         "machine": f"{platform.processor() or platform.machine()}, {threads} threads",
         "jax": jax.__version__, "torch": torch.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_start": os.getloadavg(),
@@ -200,7 +201,7 @@ def run(preset: str, quick: bool) -> dict:
     cached_sides = (*sides, int8_side, *tq_sides.values())
     jobs = [("headline", cached_sides if cache else sides, prompt(1, P), cache, N)
             for cache in (True, False)]
-    for B in BATCHES:
+    for B in batches:
         for L in lengths:
             # the 3-bit cache where its reads weigh most, taking turns with the float one
             long = (B, L) == (1, lengths[-1])
@@ -261,7 +262,7 @@ def run(preset: str, quick: bool) -> dict:
     long_rate = {r["impl"]: r["tok_s"] for r in rows
                  if r["cache"] and r["batch"] == 1 and r["length"] == L}
     results[f"tq3_over_fp32_b1_L{L}"] = long_rate["gpt2jax_tq3"] / long_rate["gpt2jax"]
-    for B in BATCHES:
+    for B in batches:
         for L in lengths:
             rate = {(r["impl"], r["cache"]): r["tok_s"] for r in rows
                     if r["batch"] == B and r["length"] == L}
@@ -338,10 +339,11 @@ def plot(r: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(BATCHES), figsize=(6 * len(BATCHES), 4.5), sharey=True)
+    batches = r["batches"]
+    fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), sharey=True)
     styles = {("gpt2jax", True): "C0-o", ("gpt2jax", False): "C0--o",
               ("hf", True): "C1-s", ("hf", False): "C1--s"}
-    for ax, B in zip(np.atleast_1d(axes), BATCHES, strict=True):
+    for ax, B in zip(np.atleast_1d(axes), batches, strict=True):
         for (impl, cache), style in styles.items():
             pts = sorted((x["length"], x["tok_s"]) for x in r["rows"]
                          if (x["impl"], x["cache"], x["batch"]) == (impl, cache, B))

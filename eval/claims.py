@@ -255,8 +255,9 @@ def _argv(module: str, json_name: str, quick: bool, out: Path, work: Path) -> li
     argv = ["--quick"] if quick else []
     if module == "eval.bench_decode":
         return argv + ["--json", str(out / json_name)]
-    if module == "eval.quantization":
-        return argv + ["--out", str(out)] + (["--train-minutes", "0.25"] if quick else [])
+    if module == "eval.quantization":  # quick: kv_quant's toy model, no second training
+        model = json.loads((out / "kv_quant.json").read_text())["checkpoint"] if quick else None
+        return argv + ["--out", str(out)] + (["--ckpt", model] if quick else [])
     if module == "eval.lora_rank_sweep":
         return argv + ["--out", str(out), "--work", str(work / "lora_rank_sweep")]
     return argv + ["--out", str(out), "--work", str(work)]

@@ -144,9 +144,10 @@ def greedy_tokens(params, config: GPTConfig, prompts, new_tokens: int, kind) -> 
 # ---------------------------------------------------------------------------- the experiment
 
 
-def model_under_test(quick: bool, ckpt: str | None, work: Path):
+def model_under_test(quick: bool, ckpt: str | None, work: Path) -> str:
+    """The checkpoint folder of the model to test."""
     if ckpt:
-        return checkpoint.load(ckpt)
+        return ckpt
     data = shakespeare_data(work)
     if quick:  # head dim 64 like GPT-2's, 1 layer of 1 head: seconds to train
         cfg = TrainConfig(model=GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=128),
@@ -159,12 +160,12 @@ def model_under_test(quick: bool, ckpt: str | None, work: Path):
 
         cfg = recipe(False, data)
         name = "pos-learned"  # the positions experiment's run: trained once for both
-    row = train_variant(cfg, work, name)
-    return checkpoint.load(row["config"]["out"])
+    return train_variant(cfg, work, name)["config"]["out"]
 
 
 def run(quick: bool, out: Path, work: Path, ckpt: str | None = None) -> dict:
-    config, params = model_under_test(quick, ckpt, work)
+    ckpt = model_under_test(quick, ckpt, work)
+    config, params = checkpoint.load(ckpt)
     T = config.block_size
     val = np.asarray(data_lib.load_split(shakespeare_data(work), "val"))
     n_windows = 8 if quick else 64
@@ -205,7 +206,7 @@ def run(quick: bool, out: Path, work: Path, ckpt: str | None = None) -> dict:
         row["compression_vs_fp16"] = fp16_bytes / row["cache_bytes"]
     result = {
         "command": f"python -m eval.kv_quant{' --quick' if quick else ''}",
-        "model": config.to_dict(), "scored_tokens": int(reference.size),
+        "model": config.to_dict(), "checkpoint": str(ckpt), "scored_tokens": int(reference.size),
         "float32_cache_vs_no_cache_max_abs_nll": float(
             np.abs(np.asarray(cached_nll(params, windows, config, "float32")) - reference).max()),
         "new_tokens": new_tokens, "fp16_cache_bytes": fp16_bytes, "rates": rates, "rows": rows,

@@ -52,9 +52,9 @@ class Plan:
 FULL = Plan(base_minutes=6.0, base_warmup=100, base_model={}, batch_size=8, steps=200, warmup=20,
             eval_every=50)
 # The smallest model on which rank 256 exists for q and v (n_embd 256), short sequences.
-QUICK = Plan(base_minutes=0.4, base_warmup=20, base_model={"n_layer": 2, "block_size": 64},
+QUICK = Plan(base_minutes=0.25, base_warmup=10, base_model={"n_layer": 2, "block_size": 64},
              batch_size=4,
-             steps=16, warmup=2, eval_every=10_000)
+             steps=8, warmup=1, eval_every=10_000)
 
 
 def split_text(out: Path) -> tuple[Path, Path]:
@@ -239,7 +239,7 @@ def table(result: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m eval.lora_rank_sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a 2-layer base, 16 steps per rank")
+    p.add_argument("--quick", action="store_true", help="a 2-layer base, 8 steps per rank")
     p.add_argument("--out", type=Path, help="results folder (default eval/results[/quick])")
     p.add_argument("--work", type=Path, help="texts, base and adapter runs "
                    "(default out/lora_rank_sweep, or out/lora_rank_sweep_quick)")
