@@ -33,7 +33,7 @@ from gpt2jax import checkpoint, positions
 from gpt2jax.config import GPTConfig
 from gpt2jax.generate import generate
 from gpt2jax.kvcache import heads_to_rows, make_cache, turboquant_quantizers
-from gpt2jax.model import Block, Norm, apply, unstack_layers
+from gpt2jax.model import Block, Norm, apply, token_embedding_scale, unstack_layers
 from gpt2jax.quant.turboquant import TurboQuantConfig, bits_per_value, split_for_rate
 from train import TrainConfig
 from train import data as data_lib
@@ -99,7 +99,8 @@ def queries_and_keys(params, config: GPTConfig, tokens_BT):
     if config.pos_embedding == "learned":
         x = x + params["wpe"]["embedding"][pos_BT].astype(config.dtype)
     elif config.pos_embedding == "sinusoidal":
-        x = x + positions.sinusoidal(pos_BT, D).astype(config.dtype)
+        x = x * token_embedding_scale(config) + positions.sinusoidal(pos_BT, D).astype(
+            config.dtype)
     out = []
     for i, layer in enumerate(unstack_layers(params)["h"]):
         h = Norm(config).apply({"params": layer["ln_1"]}, x) if config.norm_placement == "pre" \

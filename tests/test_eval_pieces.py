@@ -16,7 +16,7 @@ from gpt2jax.quant.turboquant import TurboQuantConfig
 CONFIG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=128)
 
 
-@pytest.mark.parametrize("pos", ["learned", "rope"])
+@pytest.mark.parametrize("pos", ["learned", "sinusoidal", "rope"])
 def test_queries_and_keys_are_what_attention_caches(pos):
     """The probe's keys equal the float cache's after a prefill (RoPE included), so its
     queries, computed on the same line, are the ones attention uses."""
