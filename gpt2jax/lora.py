@@ -204,7 +204,8 @@ def _apply_deltas(params, adapters: Adapters, sign: float):
         node = out
         for name in module:
             node = node[name]
-        node["kernel"] = node["kernel"].at[..., cols].add(sign * delta)
+        # jnp.asarray: hf.load gives numpy arrays, which have no .at
+        node["kernel"] = jnp.asarray(node["kernel"]).at[..., cols].add(sign * delta)
     return out
 
 

@@ -162,3 +162,18 @@ def test_cli_lora_flags_and_errors(corpus, base_dir, tmp_path, capsys):
     assert "unknown target(s) ['wte']" in capsys.readouterr().err
     with pytest.raises(ValueError, match="lora_rank=-1 must be 0"):
         TrainConfig(lora_rank=-1)
+
+
+def test_finetune_over_a_hugging_face_folder(corpus, base_dir, tmp_path):
+    """hf:DIR bases are referenced and re-hashed on load like checkpoint bases."""
+    from gpt2jax import hf
+
+    config, base = ckpt_lib.load_model(f"ckpt:{base_dir}")
+    hf.save(config, base, tmp_path / "hf")
+    cfg = tiny_config(corpus, tmp_path / "run", init_from=f"hf:{tmp_path / 'hf'}",
+                      max_steps=2, ckpt_every=2, warmup_steps=0, **LORA)
+    result = train(cfg, progress=False)
+    _, merged = ckpt_lib.load(result.out)
+    adapters, reference = ckpt_lib.load_adapters(result.out)
+    assert reference["source"] == f"hf:{(tmp_path / 'hf').absolute()}"
+    assert _leaves_equal(merged, lora.merge(jax.tree.map(np.asarray, base), adapters))
