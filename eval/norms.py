@@ -9,6 +9,7 @@ claims both.
 2. Training a 12-layer, 128-dim model at learning rates {3e-4, 1e-3, 3e-3}, without warmup and
    with 50 warmup steps, no gradient clipping (clipping hides exactly the instability under
    test), same data order and steps: diverged (NaN/inf) or not, and the final val loss.
+3. The three placements trained 5x longer (lr 1e-3, warmup 50): which ends lower.
 
 Writes norms.json and norms.png.
 """
@@ -31,23 +32,35 @@ from train.step import token_losses
 PLACEMENTS = ("pre", "post", "deepnorm")
 LRS = (3e-4, 1e-3, 3e-3)
 UNIGRAM_LOSS = 6.52  # Tiny Shakespeare's unigram entropy (nats): above it, nothing was learned
+LONG = {"lr": 1e-3, "warmup_steps": 50, "steps_factor": 5}
 
 
 def init_grad_norms(depth: int, n_embd: int, tokens: np.ndarray, block: int) -> dict:
-    """{placement: [‖∇ block l‖ for l in 0..depth-1]} at initialisation, one batch of 8."""
+    """{init: {placement: [‖∇ block l‖ for l in 0..depth-1]}} at initialisation, one batch
+    of 8, for GPT-2's init ("gpt2_init": embeddings std 0.02) and with the embeddings scaled
+    to unit std ("unit_embeddings", the input scale of Xiong et al.'s analysis)."""
     x = np.asarray(tokens[: 8 * block], np.int32).reshape(8, block)
     y = np.asarray(tokens[1: 8 * block + 1], np.int32).reshape(8, block)
-    out = {}
+    out = {"gpt2_init": {}, "unit_embeddings": {}}
     for placement in PLACEMENTS:
         config = GPTConfig(n_layer=depth, n_head=4, n_embd=n_embd, block_size=block,
                            norm_placement=placement)
         params = init_params(config, jax.random.key(0))
         loss = lambda p, c=config: token_losses(p, x, y, c).mean()
-        grads = jax.jit(jax.grad(loss))(params)
-        squares = sum(np.sum(np.asarray(g, np.float64) ** 2, axis=tuple(range(1, g.ndim)))
-                      for g in jax.tree.leaves(grads["h"]))  # [L]: stacked over layers
-        out[placement] = np.sqrt(squares).tolist()
+        for name, scale in (("gpt2_init", 1.0), ("unit_embeddings", 1 / config.init_std)):
+            scaled = {**params, **{k: {"embedding": params[k]["embedding"] * scale}
+                                   for k in ("wte", "wpe")}}
+            grads = jax.jit(jax.grad(loss))(scaled)
+            squares = sum(np.sum(np.asarray(g, np.float64) ** 2, axis=tuple(range(1, g.ndim)))
+                          for g in jax.tree.leaves(grads["h"]))  # [L]: stacked over layers
+            out[name][placement] = np.sqrt(squares).tolist()
     return out
+
+
+def last_over_rest(norms: list[float]) -> float:
+    """The last layer's gradient norm over the median of the others: Xiong et al.'s post-LN
+    growth toward the output, without the first layer's own outlier."""
+    return norms[-1] / float(np.median(norms[:-1]))
 
 
 def recipe(quick: bool, data: Path) -> TrainConfig:
@@ -68,10 +81,12 @@ def run(quick: bool, out: Path, work: Path) -> dict:
     depths = (2, 4) if quick else (6, 12)
     width = 64 if quick else 256
     grads = {d: init_grad_norms(d, width, train_tokens, 64) for d in depths}
-    for d, by in grads.items():
-        for placement, norms in by.items():
-            print(f"depth {d:>2} {placement:<8} ‖∇‖ first {norms[0]:.3f} last {norms[-1]:.3f} "
-                  f"(last/first {norms[-1] / norms[0]:.2f})")
+    for d, by_init in grads.items():
+        for init, by in by_init.items():
+            for placement, norms in by.items():
+                print(f"depth {d:>2} {init:<15} {placement:<8} ‖∇‖ first {norms[0]:.3f} "
+                      f"last {norms[-1]:.3f} (last / median of the rest "
+                      f"{last_over_rest(norms):.2f})")
     base = recipe(quick, data)
     lrs = (3e-3,) if quick else LRS
     warmups = (0,) if quick else (0, 50)
@@ -86,21 +101,35 @@ def run(quick: bool, out: Path, work: Path) -> dict:
                 runs.append(row)
                 outcome = "DIVERGED" if row["diverged"] else f"val {row['val_loss']:.4f}"
                 print(f"{placement:<8} lr {lr:<6g} warmup {warmup:<3d} {outcome}")
+    long_runs = {}
+    factor = 2 if quick else LONG["steps_factor"]
+    for placement in PLACEMENTS:
+        cfg = base.replace(model=base.model.replace(norm_placement=placement), lr=LONG["lr"],
+                           min_lr=LONG["lr"] / 10, warmup_steps=min(LONG["warmup_steps"],
+                                                                    base.max_steps // 4),
+                           max_steps=base.max_steps * factor)
+        row = train_variant(cfg, work, f"norm-{placement}-long")
+        long_runs[placement] = {k: v for k, v in row.items() if k != "config"}
+        print(f"{placement:<8} {cfg.max_steps} steps: val {row['val_loss']}")
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("config", "train_loss")}
     result = {
         "command": f"python -m eval.norms{' --quick' if quick else ''}",
         "init_grad_norms": {str(d): v for d, v in grads.items()}, "grad_width": width,
         "train": {k: v for k, v in base.to_dict().items() if k not in ("out", "data")},
-        "runs": [{k: v for k, v in r.items() if k != "config"} for r in runs],
-        "verdict": verdict(grads, runs),
+        "runs": [strip(r) for r in runs], "long_steps": base.max_steps * factor,
+        "long_runs": long_runs, "verdict": verdict(grads, runs, long_runs),
     }
     write_json(out / "norms.json", result)
     plot(result, out / "norms.png")
     return result
 
 
-def verdict(grads: dict, runs: list[dict]) -> dict:
+def verdict(grads: dict, runs: list[dict], long_runs: dict) -> dict:
     deepest = grads[max(grads)]
-    growth = {p: deepest[p][-1] / deepest[p][0] for p in PLACEMENTS}
+    growth = {init: {p: last_over_rest(by[p]) for p in PLACEMENTS}
+              for init, by in deepest.items()}
+    first = {p: deepest["gpt2_init"][p][0] / float(np.median(deepest["gpt2_init"][p][1:]))
+             for p in PLACEMENTS}
     best = {}
     for placement in PLACEMENTS:
         ok = [r for r in runs if r["placement"] == placement and not r["diverged"]]
@@ -108,8 +137,11 @@ def verdict(grads: dict, runs: list[dict]) -> dict:
     failed = {p: [f"lr {r['lr']:g} warmup {r['warmup']}" for r in runs
                   if r["placement"] == p and (r["diverged"] or r["val_loss"] > UNIGRAM_LOSS)]
               for p in PLACEMENTS}
-    return {"grad_last_over_first_deepest": growth, "best_val_loss": best,
-            "failed_runs": failed}
+    long_val = {p: None if r["diverged"] else r["val_loss"] for p, r in long_runs.items()}
+    return {"grad_last_over_rest_deepest": growth, "grad_first_over_rest_gpt2_init": first,
+            "best_val_loss": best,
+            "failed_runs": failed, "long_val_loss": long_val,
+            "diverged_runs": sum(r["diverged"] for r in runs)}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -119,17 +151,34 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     depths = list(result["init_grad_norms"])
-    fig, axes = plt.subplots(1, len(depths) + 1, figsize=(5 * (len(depths) + 1), 4.5))
+    fig, axes = plt.subplots(1, len(depths) + 2, figsize=(5 * (len(depths) + 2), 4.5))
     for ax, depth in zip(axes, depths, strict=False):
-        for i, (placement, norms) in enumerate(result["init_grad_norms"][depth].items()):
-            ax.plot(np.arange(1, len(norms) + 1), norms, "o-", color=f"C{i}", label=placement)
+        by_init = result["init_grad_norms"][depth]
+        for init, style in (("gpt2_init", "o-"), ("unit_embeddings", "s--")):
+            for i, (placement, norms) in enumerate(by_init[init].items()):
+                ax.plot(np.arange(1, len(norms) + 1), norms, style, color=f"C{i}", ms=3,
+                        label=f"{placement}, {init.replace('_', ' ')}")
         ax.set_yscale("log")
         ax.set_xlabel("layer (1 = next to the embeddings)")
         ax.set_ylabel("‖∇ params of the layer‖ at init")
-        ax.set_title(f"depth {depth}, width {result['grad_width']}")
+        ax.set_title(f"depth {depth}, width {result['grad_width']}\n"
+                     "solid: GPT-2 init (embeddings std 0.02); dashed: unit-std embeddings",
+                     fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=7)
     ax = axes[-1]
+    for i, (placement, row) in enumerate(result["long_runs"].items()):
+        loss = np.asarray(row["train_loss"])
+        n = max(1, min(25, len(loss) // 5))
+        ax.plot(np.arange(n, len(loss) + 1), np.convolve(loss, np.ones(n) / n, "valid"),
+                color=f"C{i}", lw=1, label=f"{placement}: val {row['val_loss']:.3f}")
+    ax.axhline(UNIGRAM_LOSS, color="gray", ls=":", label="unigram")
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss")
+    ax.set_title(f"{result['long_steps']} steps, lr 1e-3, warmup")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax = axes[-2]
     runs = result["runs"]
     lrs = sorted({r["lr"] for r in runs})
     warmups = sorted({r["warmup"] for r in runs})
