@@ -264,7 +264,7 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for kq, marker in zip(KEY_QUANTIZERS, ("o", "s"), strict=True):
+    for i, (kq, marker) in enumerate(zip(KEY_QUANTIZERS, ("o", "s"), strict=True)):
         names = [f"tq{r:g}-{kq}" for r in result["rates"]]
         x = [rows[n]["compression_vs_fp16"] for n in names]
         ax1.plot(x, [rows[n]["delta_loss_pct"] for n in names], f"{marker}-",
@@ -272,19 +272,23 @@ def plot(result: dict, path: Path) -> None:
         for n, xi in zip(names, x, strict=True):
             ax1.annotate(n.split("-")[0][2:] + "b", (xi, rows[n]["delta_loss_pct"]),
                          fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax2.plot(x, [100 * rows[n]["greedy_match"] for n in names], f"{marker}-",
-                 label=f"{kq} keys")
+        ax2.plot(x, [rows[n]["score_rel_rmse"] for n in names], f"{marker}-", color=f"C{i}",
+                 label=f"{kq} keys: score RMSE / score std")
+        ax2.plot(x, [rows[n]["attention_tv"] for n in names], f"{marker}:", color=f"C{i}",
+                 label=f"{kq} keys: attention TV distance")
     for name, marker in (("float32", "k*"), ("bfloat16", "kD")):
         ax1.plot(rows[name]["compression_vs_fp16"], rows[name]["delta_loss_pct"], marker,
-                 label=name)
-        ax2.plot(rows[name]["compression_vs_fp16"], 100 * rows[name]["greedy_match"], marker,
                  label=name)
     ax1.axhline(0, color="gray", lw=0.5)
     ax1.set_xlabel("cache size: float16 bytes / bytes")
     ax1.set_ylabel("val loss change vs float32 cache (%)")
     ax1.set_title("quality vs compression (token-by-token through the cache)")
     ax2.set_xlabel("cache size: float16 bytes / bytes")
-    ax2.set_ylabel(f"greedy tokens equal to float32's (%, {result['new_tokens']} tokens)")
+    ax2.set_ylabel("attention error (every causal pair, layer, head)")
+    matches = sorted({f"{100 * r['greedy_match']:.0f}%" for n, r in rows.items()
+                      if n.startswith("tq")})
+    ax2.set_title(f"greedy tokens equal to the float32 cache's: {', '.join(matches)} "
+                  f"({result['new_tokens']} tokens)", fontsize=10)
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
