@@ -3,6 +3,7 @@ and the way results are written (JSON + PNG under eval/results/)."""
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
@@ -79,6 +80,33 @@ def train_variant(cfg: train_config.TrainConfig, work: str | Path, name: str) ->
     }
     done.write_text(json.dumps(row))
     return row
+
+
+def trailing_mean(values, max_window: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """(steps, means, n): the n-step trailing mean of a per-step series counted from step 1,
+    n = max_window or a fifth of the series if shorter (one step is too noisy to plot)."""
+    values = np.asarray(values)
+    n = max(1, min(max_window, len(values) // 5))
+    return np.arange(n, len(values) + 1), np.convolve(values, np.ones(n) / n, "valid"), n
+
+
+def parse_experiment_args(prog: str, doc: str, quick_help: str, argv=None, *,
+                          work: Path | None = Path("out/claims"),
+                          more_arguments=None) -> argparse.Namespace:
+    """The flags every experiment takes (--quick, --out, --work), plus `more_arguments(p)`;
+    args.out defaults to eval/results, or eval/results/quick with --quick."""
+    p = argparse.ArgumentParser(prog=prog, description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument("--out", type=Path, help="results folder (default eval/results; with "
+                   "--quick eval/results/quick)")
+    p.add_argument("--work", type=Path, default=work,
+                   help=f"training runs, reused when their config is unchanged (default {work})")
+    if more_arguments is not None:
+        more_arguments(p)
+    args = p.parse_args(argv)
+    args.out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    return args
 
 
 def val_loss(params, config: GPTConfig, val_tokens, *, max_tokens: int | None = None) -> float:

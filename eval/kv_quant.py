@@ -19,7 +19,6 @@ Writes kv_quant.json and kv_quant.png.
 
 from __future__ import annotations
 
-import argparse
 import functools
 from pathlib import Path
 
@@ -28,7 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from eval.common import RESULTS, perplexity, shakespeare_data, train_variant, write_json
+from eval.common import (
+    parse_experiment_args,
+    perplexity,
+    shakespeare_data,
+    train_variant,
+    write_json,
+)
 from gpt2jax import checkpoint, positions
 from gpt2jax.config import GPTConfig
 from gpt2jax.generate import generate
@@ -298,16 +303,10 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eval.kv_quant", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a 1-layer toy, 8 windows")
-    p.add_argument("--ckpt", help="a training checkpoint to test instead")
-    p.add_argument("--out", type=Path, help="default eval/results (quick: eval/results/quick)")
-    p.add_argument("--work", type=Path, default=Path("out/claims"),
-                   help="training runs (reused when their config is unchanged)")
-    args = p.parse_args(argv)
-    run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.work,
-        args.ckpt)
+    args = parse_experiment_args(
+        "python -m eval.kv_quant", __doc__, "a 1-layer toy, 8 windows", argv,
+        more_arguments=lambda p: p.add_argument("--ckpt", help="a checkpoint to test instead"))
+    run(args.quick, args.out, args.work, args.ckpt)
 
 
 if __name__ == "__main__":

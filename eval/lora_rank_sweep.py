@@ -17,7 +17,6 @@ LoRA's curves bunch together (or get worse) with rank while rsLoRA's keep improv
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.common import RESULTS, write_json
+from eval.common import parse_experiment_args, trailing_mean, write_json
 from gpt2jax import checkpoint, lora
 from train import TrainConfig, train
 from train import config as train_config
@@ -156,10 +155,8 @@ def plot(runs: list[dict], base_loss: float, path: Path, title: str) -> None:
     colors = dict(zip(RANKS, ("C0", "C1", "C2", "C3"), strict=True))
     for ax, method in zip(axes[:2], METHODS, strict=True):
         for r in (r for r in runs if r["method"] == method):
-            loss = np.asarray(r["train_loss"])
-            n = max(1, min(10, len(loss) // 5))
-            smooth = np.convolve(loss, np.ones(n) / n, mode="valid")
-            ax.plot(np.arange(n, len(loss) + 1), smooth, color=colors[r["rank"]],
+            steps, smooth, n = trailing_mean(r["train_loss"], 10)
+            ax.plot(steps, smooth, color=colors[r["rank"]],
                     label=f"r={r['rank']} (s={r['scale']:.3g}): val {r['val_loss']:.3f}")
         ax.axhline(base_loss, color="gray", ls=":", label=f"base val {base_loss:.3f}")
         ax.set_title(f"{'LoRA alpha/r' if method == 'lora' else 'rsLoRA alpha/sqrt(r)'}")
@@ -237,18 +234,13 @@ def table(result: dict) -> str:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eval.lora_rank_sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a 2-layer base, 8 steps per rank")
-    p.add_argument("--out", type=Path, help="results folder (default eval/results[/quick])")
-    p.add_argument("--work", type=Path, help="texts, base and adapter runs "
-                   "(default out/lora_rank_sweep, or out/lora_rank_sweep_quick)")
-    p.add_argument("--base", help="ckpt:DIR or hf:DIR: a base to adapt instead of training "
-                   "one (it should not have seen the last 20%% of Tiny Shakespeare)")
-    args = p.parse_args(argv)
-    out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    args = parse_experiment_args(
+        "python -m eval.lora_rank_sweep", __doc__, "a 2-layer base, 8 steps per rank", argv,
+        work=None, more_arguments=lambda p: p.add_argument(
+            "--base", help="ckpt:DIR or hf:DIR: a base to adapt instead of training one (it "
+            "should not have seen the last 20%% of Tiny Shakespeare)"))
     work = args.work or Path("out") / f"lora_rank_sweep{'_quick' if args.quick else ''}"
-    run(args.quick, out, work, args.base)
+    run(args.quick, args.out, work, args.base)
 
 
 if __name__ == "__main__":

@@ -16,13 +16,18 @@ Writes norms.json and norms.png.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from eval.common import RESULTS, shakespeare_data, train_variant, write_json
+from eval.common import (
+    parse_experiment_args,
+    shakespeare_data,
+    trailing_mean,
+    train_variant,
+    write_json,
+)
 from gpt2jax.config import GPTConfig
 from gpt2jax.model import init_params
 from train import TrainConfig
@@ -168,10 +173,8 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     ax = axes[-1]
     for i, (placement, row) in enumerate(result["long_runs"].items()):
-        loss = np.asarray(row["train_loss"])
-        n = max(1, min(25, len(loss) // 5))
-        ax.plot(np.arange(n, len(loss) + 1), np.convolve(loss, np.ones(n) / n, "valid"),
-                color=f"C{i}", lw=1, label=f"{placement}: val {row['val_loss']:.3f}")
+        ax.plot(*trailing_mean(row["train_loss"], 25)[:2], color=f"C{i}", lw=1,
+                label=f"{placement}: val {row['val_loss']:.3f}")
     ax.axhline(UNIGRAM_LOSS, color="gray", ls=":", label="unigram")
     ax.set_xlabel("step")
     ax.set_ylabel("train loss")
@@ -210,14 +213,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eval.norms", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="depths 2 and 4, one lr, 20 steps")
-    p.add_argument("--out", type=Path, help="default eval/results (quick: eval/results/quick)")
-    p.add_argument("--work", type=Path, default=Path("out/claims"),
-                   help="training runs (reused when their config is unchanged)")
-    args = p.parse_args(argv)
-    run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.work)
+    args = parse_experiment_args("python -m eval.norms", __doc__,
+                                 "depths 2 and 4, one lr, 20 and 40 steps", argv)
+    run(args.quick, args.out, args.work)
 
 
 if __name__ == "__main__":

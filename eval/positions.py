@@ -11,7 +11,6 @@ evaluated there). Writes positions.json and positions.png.
 
 from __future__ import annotations
 
-import argparse
 import functools
 from pathlib import Path
 
@@ -19,7 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.common import RESULTS, shakespeare_data, train_variant, write_json
+from eval.common import (
+    parse_experiment_args,
+    shakespeare_data,
+    trailing_mean,
+    train_variant,
+    write_json,
+)
 from gpt2jax import checkpoint, model
 from gpt2jax.config import GPTConfig
 from train import TrainConfig
@@ -121,10 +126,7 @@ def plot(result: dict, path: Path) -> None:
     T = result["block_size"]
     for i, (scheme, row) in enumerate(result["runs"].items()):
         color = f"C{i}"
-        loss = np.asarray(row["train_loss"])
-        n = max(1, min(20, len(loss) // 5))
-        ax1.plot(np.arange(n, len(loss) + 1), np.convolve(loss, np.ones(n) / n, "valid"),
-                 color=color, alpha=0.5, lw=1)
+        ax1.plot(*trailing_mean(row["train_loss"], 20)[:2], color=color, alpha=0.5, lw=1)
         if row["val_curve"]:
             steps, vals = zip(*row["val_curve"], strict=True)
             ax1.plot(steps, vals, "o-", color=color,
@@ -152,14 +154,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eval.positions", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a 2-layer toy, 30 steps per scheme")
-    p.add_argument("--out", type=Path, help="default eval/results (quick: eval/results/quick)")
-    p.add_argument("--work", type=Path, default=Path("out/claims"),
-                   help="training runs (reused when their config is unchanged)")
-    args = p.parse_args(argv)
-    run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.work)
+    args = parse_experiment_args("python -m eval.positions", __doc__,
+                                 "a 2-layer toy, 30 steps per scheme", argv)
+    run(args.quick, args.out, args.work)
 
 
 if __name__ == "__main__":

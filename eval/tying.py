@@ -10,12 +10,17 @@ tying.json and tying.png.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
-from eval.common import RESULTS, shakespeare_data, train_variant, write_json
+from eval.common import (
+    parse_experiment_args,
+    shakespeare_data,
+    trailing_mean,
+    train_variant,
+    write_json,
+)
 from eval.positions import recipe
 from gpt2jax.config import PRESETS, GPTConfig
 from gpt2jax.model import param_breakdown
@@ -91,10 +96,8 @@ def plot(result: dict, path: Path) -> None:
     ax1.set_title("what tying saves: the share of the token embedding")
     ax1.legend()
     for name, row in result["runs"].items():
-        loss = np.asarray(row["train_loss"])
-        n = max(1, min(20, len(loss) // 5))
-        ax2.plot(np.arange(n, len(loss) + 1), np.convolve(loss, np.ones(n) / n, "valid"),
-                 lw=1, label=f"{name} ({row['params'] / 1e6:.1f}M): val {row['val_loss']:.3f}")
+        ax2.plot(*trailing_mean(row["train_loss"], 20)[:2], lw=1,
+                 label=f"{name} ({row['params'] / 1e6:.1f}M): val {row['val_loss']:.3f}")
     ax2.set_xlabel("step")
     ax2.set_ylabel("train loss")
     ax2.set_title(f"baby, same tokens ({result['tokens_per_run']:,})")
@@ -106,14 +109,9 @@ def plot(result: dict, path: Path) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eval.tying", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="a 2-layer toy for the training part")
-    p.add_argument("--out", type=Path, help="default eval/results (quick: eval/results/quick)")
-    p.add_argument("--work", type=Path, default=Path("out/claims"),
-                   help="training runs (reused when their config is unchanged)")
-    args = p.parse_args(argv)
-    run(args.quick, args.out or (RESULTS / "quick" if args.quick else RESULTS), args.work)
+    args = parse_experiment_args("python -m eval.tying", __doc__,
+                                 "a 2-layer toy for the training part", argv)
+    run(args.quick, args.out, args.work)
 
 
 if __name__ == "__main__":

@@ -199,14 +199,7 @@ class Checkpointer:
             if "int8" in meta:  # written by `python -m gpt2jax.quantize`
                 options = int8.options(meta["int8"])
                 expected = jax.eval_shape(lambda p: int8.quantize(p, **options), expected)
-            expected = _abstract_on(expected, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-            where = f"checkpoint {self.directory}/{step} params"
-            check_tree(self._manager.item_metadata(step)["params"].tree, expected, where)
-            restored = self._manager.restore(
-                step, args=ocp.args.Composite(params=ocp.args.StandardRestore(expected))
-            )["params"]
-            check_tree(restored, expected, where)
-            return config, restored
+            return config, self._restore_params_item(step, expected, "params")
 
         found = self._newest_readable(read, quarantine=False)
         if found is None:
@@ -235,15 +228,20 @@ class Checkpointer:
 
         lora_config = lora.LoRAConfig.from_dict(meta["lora"]["config"])
         expected = jax.eval_shape(lambda: lora.init(lora_config, config, jax.random.PRNGKey(0)))
-        expected = _abstract_on(expected.tree,
-                                jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-        where = f"checkpoint {self.directory}/{step} adapters"
+        tree = self._restore_params_item(step, expected.tree, "adapters")
+        return lora.Adapters(tree=tree, config=lora_config, base=config)
+
+    def _restore_params_item(self, step: int, expected_tree, what: str):
+        """The 'params' item of `step` onto the default device, checked leaf by leaf against
+        `expected_tree` (shapes) before and after reading."""
+        expected = _abstract_on(expected_tree, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        where = f"checkpoint {self.directory}/{step} {what}"
         check_tree(self._manager.item_metadata(step)["params"].tree, expected, where)
-        tree = self._manager.restore(
+        restored = self._manager.restore(
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(expected))
         )["params"]
-        check_tree(tree, expected, where)
-        return lora.Adapters(tree=tree, config=lora_config, base=config)
+        check_tree(restored, expected, where)
+        return restored
 
     def _newest_readable(self, read: Callable, *, quarantine: bool):
         steps = sorted(self._manager.all_steps(), reverse=True)
