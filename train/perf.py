@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import jax
@@ -21,17 +22,24 @@ def flops_per_token(config: GPTConfig, seq_len: int | None = None) -> float:
     return 6.0 * (12 * L * D * D + V * D) + 12.0 * L * T * D
 
 
-def measure_peak_flops(dtype: str = "float32", n: int = 2048, repeats: int = 8) -> float:
-    """Best observed FLOP/s of one device on an n x n matmul in `dtype` (about a second).
+def sustained_flops(matmul, n: int, loops: int = 7, per_loop: int = 4) -> float:
+    """Median over `loops` of the FLOP/s of `per_loop` back-to-back n x n x n `matmul()` calls
+    (blocking). A median of sustained loops, not the best single call: on a shared machine the
+    best call is an outlier and the first calls run before the clock has ramped up."""
+    matmul()
+    rates = []
+    for _ in range(loops):
+        t = time.perf_counter()
+        for _ in range(per_loop):
+            matmul()
+        rates.append(per_loop * 2.0 * n**3 / (time.perf_counter() - t))
+    return statistics.median(rates)
 
-    The MFU denominator when the user gives none: what XLA's own matmul reaches on this
-    machine, not a datasheet number."""
+
+def measure_peak_flops(dtype: str = "float32", n: int = 2048) -> float:
+    """FLOP/s of one device on an n x n matmul in `dtype` (a few seconds): the MFU
+    denominator when the user gives none — what XLA's own matmul reaches on this machine,
+    not a datasheet number."""
     a = jnp.ones((n, n), jnp.dtype(dtype))
     matmul = jax.jit(lambda x, y: x @ y)
-    matmul(a, a).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        matmul(a, a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2.0 * n**3 / best
+    return sustained_flops(lambda: matmul(a, a).block_until_ready(), n)
