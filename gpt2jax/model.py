@@ -188,8 +188,11 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    """`hidden_only`: return ((final hidden states, head [V, D]), cache) instead of logits."""
+
     config: GPTConfig
     deterministic: bool = True
+    hidden_only: bool = False
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, cache=None, logits_at_BK=None):
@@ -250,17 +253,16 @@ class GPT(nn.Module):
             x = Norm(c, name="ln_f")(x)
         if c.tie_embeddings:
             head_VD = wte.embedding.astype(c.dtype)
-            logits = jnp.einsum("BTD,VD->BTV", x, head_VD, preferred_element_type=jnp.float32)
         else:
-            kernel = self.param(
+            head_VD = self.param(
                 "lm_head", nn.initializers.normal(c.init_std), (c.n_embd, c.vocab_size),
                 _dtype(c.param_dtype),
-            )
-            logits = jnp.einsum(
-                "BTD,DV->BTV", x, kernel.astype(c.dtype), preferred_element_type=jnp.float32
-            )
+            ).astype(c.dtype).T  # the dot takes the transpose for free (dimension numbers)
         if cache is not None:
             cache = cache.advance(T)
+        if self.hidden_only:  # the fused head cross-entropy (gpt2jax.loss) does the rest
+            return (x, head_VD), cache
+        logits = jnp.einsum("BTD,VD->BTV", x, head_VD, preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32), cache
 
 
@@ -329,17 +331,20 @@ def _forward(params, tokens, positions, cache, rng, lora, config, deterministic)
 
 
 def apply(params, tokens, config: GPTConfig, *, positions=None, cache=None,
-          deterministic=True, rng=None, variables=None, logits_at=None, lora=None):
+          deterministic=True, rng=None, variables=None, logits_at=None, lora=None,
+          hidden_only=False):
     """The unchecked forward, for use inside the caller's own jit (train step, decode loop).
 
     `variables` adds collections beside params (e.g. {'perturbations': ...}). `logits_at`
     int [B, K]: compute logits only at these time indices, giving [B, K, vocab].
-    `lora`: `gpt2jax.lora.Adapters`, added to the frozen params (the trainable partition)."""
+    `lora`: `gpt2jax.lora.Adapters`, added to the frozen params (the trainable partition).
+    `hidden_only`: return ((hidden [B, T, D] after the last norm, head [V, D]), cache) for
+    `gpt2jax.loss.head_cross_entropy`."""
     rngs = {"dropout": rng} if rng is not None else {}
     variables = {"params": params, **(variables or {})}
     if lora is not None:
         variables["lora"] = lora.scaled_tree()
-    return GPT(config, deterministic).apply(
+    return GPT(config, deterministic, hidden_only).apply(
         variables, tokens, positions, cache, logits_at, rngs=rngs
     )
 

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from gpt2jax import loss as loss_lib
 from gpt2jax import model
 from gpt2jax.config import GPTConfig
 from gpt2jax.lora import Adapters, LoRAConfig
@@ -58,8 +59,11 @@ def make_train_step(config: GPTConfig, optimizer: optax.GradientTransformation,
 
     def micro_loss(trainable, base, x_BT, y_BT, rng):
         params, lora = _model_inputs(trainable, base, config, lora_config)
-        return token_losses(params, x_BT, y_BT, config, rng=rng if dropout else None,
-                            lora=lora).mean()
+        (h_BTD, head_VD), _ = model.apply(
+            params, x_BT, config, deterministic=not dropout, rng=rng if dropout else None,
+            lora=lora, hidden_only=True)
+        return loss_lib.head_cross_entropy(h_BTD.reshape(-1, h_BTD.shape[-1]), head_VD,
+                                           y_BT.reshape(-1))
 
     grad_fn = jax.value_and_grad(micro_loss)  # w.r.t. the trainable tree only
 
