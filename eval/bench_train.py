@@ -1,13 +1,25 @@
-"""Training throughput: gpt2jax's jitted train step against Hugging Face GPT2LMHeadModel.
+"""Training throughput: gpt2jax's jitted train step against the strongest PyTorch step we have.
 
-    python -m eval.bench_train [--json PATH] [--quick]
+    python -m eval.bench_train [--json PATH] [--quick] [--dtypes fp32 bf16] [--readme]
 
-Same shapes, same threads, in one run: `baby` (6 x 384, batch 8 x 256) and the 124M
-shape (12 x 768, batch 4 x 256), float32 and bfloat16. Both sides do a whole optimizer
-step: forward, cross-entropy over the 50,257-way vocabulary, backward, global-norm clip at
-1.0, AdamW with weight decay. Dropout is 0 on both sides (pure compute). MFU is against the
-best measured float32 matmul FLOP/s of each framework on this machine, and against the
-higher of the two (the machine's best).
+Three sides, same shapes, same threads, one run, taking turns step by step:
+
+- `gpt2jax`: `train.step.make_train_step` under `jax.jit` (the trainer's own step).
+- `torch_compiled`: a nanoGPT-style model written here (fused c_attn,
+  `F.scaled_dot_product_attention(is_causal=True)`, tanh GELU, tied head, our vocabulary of
+  50,257) under `torch.compile`, with the fastest AdamW torch offers on the CPU (fused, else
+  foreach) — the reference to beat.
+- `torch` (HF): transformers' `GPT2LMHeadModel` in eager mode with AdamW.
+
+Every side does a whole optimizer step: forward, cross-entropy over the whole vocabulary,
+backward, global-norm clip at 1.0, AdamW (weight decay 0.1), dropout 0. Shapes: `baby`
+(6 x 384, batch 8 x 256) and the 124M shape (12 x 768, batch 4 x 256). Step times are the
+median of >= 20 interleaved steps; the peak is the median of >= 5 sustained 2048^3 float32
+matmul loops of each framework in the same run, and MFU is model FLOPs per second (6 per
+weight per token plus attention, `train.perf.flops_per_token`) over that peak. The CPU model,
+the cores the process may use and its scheduling policy go into the JSON: on a shared machine
+run it as `chrt -f 1 python -m eval.bench_train` so that other work cannot take turns inside
+a step.
 """
 
 from __future__ import annotations
@@ -15,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +34,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from eval import common
 from gpt2jax.config import GPTConfig
 from gpt2jax.model import init_params
 from train import optim, perf
@@ -33,11 +45,36 @@ SHAPES = {  # name -> (model preset, batch, seq)
     "124m": ("gpt2", 4, 256),
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+SIDES = ("gpt2jax", "torch_compiled", "torch")
+PEAK_N = 2048
+
+
+def cores() -> int:
+    """The cores this process may run on (not the machine's count: containers pin)."""
+    return len(os.sched_getaffinity(0))
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def machine() -> dict:
+    policy = os.sched_getscheduler(0)
+    names = {os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR"}
+    return {"cpu": cpu_model(), "cores": cores(), "sched": names.get(policy, str(policy))}
+
+
+def time_steps(run_step, warmup: int, steps: int) -> float:
+    """Median seconds of one blocking `run_step()`."""
+    return _time_interleaved({"only": run_step}, warmup, steps)["only"]
 
 
 def _time_interleaved(runners: dict, warmup: int, steps: int) -> dict[str, float]:
-    """Median seconds per call of each blocking `runners[name]()`, the frameworks taking
-    turns step by step so that load from other processes hits both alike."""
+    """Median seconds per call of each blocking `runners[name]()`, the sides taking turns
+    step by step so that load from other processes hits them alike."""
     for _ in range(warmup):
         for run_step in runners.values():
             run_step()
@@ -50,24 +87,70 @@ def _time_interleaved(runners: dict, warmup: int, steps: int) -> dict[str, float
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def jax_runner(config: GPTConfig, batch: int, seq: int):
-    """(run one train step and block, seconds the first step took: compile included)."""
+def _jax_step(config: GPTConfig, batch: int, seq: int):
+    """(jitted train step, its state, x, y, lr) as the trainer builds them."""
     optimizer = optim.make_optimizer(weight_decay=0.1)
     state = step_lib.init_state(init_params(config, jax.random.PRNGKey(0)), optimizer, 0)
     train_step = jax.jit(step_lib.make_train_step(config, optimizer), donate_argnums=0)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq + 1))
     x, y = (jax.device_put(a.astype(np.int32)) for a in (tokens[..., :-1], tokens[..., 1:]))
+    return train_step, state, x, y, np.float32(1e-4)
+
+
+def compiled_step_text(config: GPTConfig, batch: int, seq: int) -> str:
+    """The optimized HLO of the train step the benchmark times."""
+    train_step, *args = _jax_step(config, batch, seq)
+    return train_step.lower(*args).compile().as_text()
+
+
+def jax_runner(config: GPTConfig, batch: int, seq: int):
+    """(run one train step and block, seconds the first step took: compile included)."""
+    train_step, state, x, y, lr = _jax_step(config, batch, seq)
 
     def run_step():
         nonlocal state
-        state, _ = train_step(state, x, y, np.float32(1e-4))
+        state, _ = train_step(state, x, y, lr)
         jax.block_until_ready(state)  # the whole update, not just the loss
 
     return run_step, _timed(run_step)
 
 
-def torch_runner(config: GPTConfig, batch: int, seq: int):
-    """The same step with Hugging Face's GPT2LMHeadModel and torch.optim.AdamW."""
+def _torch_step(model, config: GPTConfig, batch: int, seq: int, optimizer):
+    import torch
+
+    tokens = torch.randint(0, config.vocab_size, (batch, seq + 1))
+    x, y = tokens[:, :-1], tokens[:, 1:]
+    bf16 = config.dtype == "bfloat16"
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def run_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x)
+        logits = getattr(logits, "logits", logits)
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=True)
+        optimizer.step()
+
+    return run_step, _timed(run_step)
+
+
+def _adamw(model):
+    """torch's fastest CPU AdamW: fused where this torch has it, else foreach."""
+    import torch
+
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}]
+    try:
+        return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), fused=True), "fused"
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=1e-4, betas=(0.9, 0.95), foreach=True), "foreach"
+
+
+def hf_runner(config: GPTConfig, batch: int, seq: int):
+    """Hugging Face's GPT2LMHeadModel, eager, with AdamW."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -78,30 +161,60 @@ def torch_runner(config: GPTConfig, batch: int, seq: int):
         attn_pdrop=0.0,
     )
     model = GPT2LMHeadModel(hf_config).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    tokens = torch.randint(0, config.vocab_size, (batch, seq + 1))
-    x, y = tokens[:, :-1], tokens[:, 1:]
-    bf16 = config.dtype == "bfloat16"
-
-    def run_step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x).logits
-        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-
-    return run_step, _timed(run_step)
+    return _torch_step(model, config, batch, seq, _adamw(model)[0])
 
 
-def torch_peak_flops(n: int = 2048, repeats: int = 8) -> float:
+def nanogpt_model(config: GPTConfig):
+    """nanoGPT's model (Karpathy), written out: the strongest plain PyTorch GPT-2 we know."""
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    D, H = config.n_embd, config.n_head
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_1, self.ln_2 = nn.LayerNorm(D), nn.LayerNorm(D)
+            self.c_attn, self.attn_proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+            self.c_fc, self.mlp_proj = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+
+        def forward(self, x):
+            B, T, _ = x.shape
+            q, k, v = self.c_attn(self.ln_1(x)).split(D, dim=2)
+            q, k, v = (a.view(B, T, H, D // H).transpose(1, 2) for a in (q, k, v))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + self.attn_proj(y.transpose(1, 2).reshape(B, T, D))
+            return x + self.mlp_proj(F.gelu(self.c_fc(self.ln_2(x)), approximate="tanh"))
+
+    class GPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(config.vocab_size, D)
+            self.wpe = nn.Embedding(config.block_size, D)
+            self.h = nn.ModuleList(Block() for _ in range(config.n_layer))
+            self.ln_f = nn.LayerNorm(D)
+            self.lm_head = nn.Linear(D, config.vocab_size, bias=False)
+            self.lm_head.weight = self.wte.weight  # tied, as GPT-2
+
+        def forward(self, idx):
+            pos = torch.arange(idx.shape[1], device=idx.device)
+            x = self.wte(idx) + self.wpe(pos)
+            for block in self.h:
+                x = block(x)
+            return self.lm_head(self.ln_f(x))
+
+    torch.manual_seed(0)
+    return GPT().train()
+
+
+def compiled_runner(config: GPTConfig, batch: int, seq: int):
+    """nanoGPT's model under torch.compile, fused (or foreach) AdamW."""
     import torch
 
-    a = torch.ones(n, n)
-    a @ a
-    best = min(_timed(lambda: a @ a) for _ in range(repeats))
-    return 2.0 * n**3 / best
+    model = nanogpt_model(config)
+    optimizer, _ = _adamw(model)
+    return _torch_step(torch.compile(model), config, batch, seq, optimizer)
 
 
 def _timed(fn) -> float:
@@ -110,54 +223,84 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def run(quick: bool = False) -> dict:
+def framework_peaks() -> dict[str, float]:
     import torch
 
-    threads = os.cpu_count()
-    torch.set_num_threads(threads)
-    warmup, steps = (1, 3) if quick else (2, 6)
-    peaks = {"jax_fp32_flops": perf.measure_peak_flops("float32"),
-             "torch_fp32_flops": torch_peak_flops()}
-    peak = max(peaks.values())
-    results = {"machine": f"{platform.processor() or platform.machine()}, {threads} threads",
-               "jax": jax.__version__, "torch": torch.__version__, **peaks,
-               "mfu_denominator_flops": peak, "dropout": 0.0}
+    a = torch.ones(PEAK_N, PEAK_N)
+    return {"jax_fp32_flops": perf.measure_peak_flops("float32", PEAK_N),
+            "torch_fp32_flops": perf.sustained_flops(lambda: a @ a, PEAK_N)}
+
+
+def run(quick: bool = False, dtypes=tuple(DTYPES)) -> dict:
+    import torch
+
+    torch.set_num_threads(cores())  # XLA's CPU client uses every core it is given
+    warmup, steps = (1, 3) if quick else (2, 20)
+    peaks = framework_peaks()
+    _, adamw_kind = _adamw(torch.nn.Linear(2, 2))
+    results = {"machine": machine(), "jax": jax.__version__, "torch": torch.__version__,
+               **peaks, "torch_adamw": adamw_kind, "timed_steps": steps, "dropout": 0.0}
     rows = []
     for shape, (preset, batch, seq) in SHAPES.items():
-        for dname, dtype in DTYPES.items():
-            config = GPTConfig.preset(preset, dtype=dtype)
+        for dname in dtypes:
+            config = GPTConfig.preset(preset, dtype=DTYPES[dname])
             flops = perf.flops_per_token(config, seq)
             print(f"{shape} {dname} (batch {batch} x {seq}) ...", flush=True)
             runners = {"gpt2jax": jax_runner(config, batch, seq),
-                       "torch": torch_runner(config, batch, seq)}
+                       "torch_compiled": compiled_runner(config, batch, seq),
+                       "torch": hf_runner(config, batch, seq)}
             step_s = _time_interleaved({k: r[0] for k, r in runners.items()}, warmup, steps)
-            for side, own in (("gpt2jax", "jax_fp32_flops"), ("torch", "torch_fp32_flops")):
+            for side in SIDES:
+                own_peak = peaks["jax_fp32_flops" if side == "gpt2jax" else "torch_fp32_flops"]
                 tok_s = batch * seq / step_s[side]
                 key = f"{side}_{shape}_{dname}"
                 results[f"{key}_tok_s"] = tok_s
-                results[f"{key}_mfu"] = tok_s * flops / peak
-                results[f"{key}_mfu_own_peak"] = tok_s * flops / peaks[own]
+                results[f"{key}_mfu_own_peak"] = tok_s * flops / own_peak
                 results[f"{key}_first_step_s"] = runners[side][1]
-                rows.append((shape, dname, side, tok_s, tok_s * flops / peak,
-                             tok_s * flops / peaks[own], runners[side][1]))
-            results[f"ratio_{shape}_{dname}"] = step_s["torch"] / step_s["gpt2jax"]
+                rows.append({"shape": shape, "dtype": dname, "side": side, "tok_s": tok_s,
+                             "mfu_own_peak": tok_s * flops / own_peak,
+                             "first_step_s": runners[side][1]})
+            for ref in ("torch_compiled", "torch"):
+                results[f"ratio_{ref}_{shape}_{dname}"] = step_s[ref] / step_s["gpt2jax"]
             del runners
     results["rows"] = rows
     return results
 
 
 def format_table(results: dict) -> str:
+    m = results["machine"]
     lines = [
-        f"peak fp32 matmul: jax {results['jax_fp32_flops'] / 1e9:.0f} GFLOP/s, torch "
-        f"{results['torch_fp32_flops'] / 1e9:.0f} GFLOP/s ({results['machine']})",
-        "| shape | dtype | framework | tokens/s | MFU (machine peak) | MFU (own peak) | "
-        "first step s | gpt2jax / torch |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        f"{m['cpu']}, {m['cores']} cores ({m['sched']}); peak fp32 2048^3 matmul: jax "
+        f"{results['jax_fp32_flops'] / 1e9:.0f} GFLOP/s, torch "
+        f"{results['torch_fp32_flops'] / 1e9:.0f} GFLOP/s; median of "
+        f"{results['timed_steps']} interleaved steps; torch AdamW {results['torch_adamw']}",
+        "",
+        "| shape | dtype | side | tokens/s | MFU (own peak) | first step s | gpt2jax / side |",
+        "|---|---|---|---:|---:|---:|---:|",
     ]
-    for shape, dname, side, tok_s, mfu, own, first in results["rows"]:
-        ratio = f"{results[f'ratio_{shape}_{dname}']:.2f}x" if side == "gpt2jax" else ""
-        lines.append(f"| {shape} | {dname} | {side} | {tok_s:.0f} | {mfu:.1%} | {own:.1%} | "
-                     f"{first:.1f} | {ratio} |")
+    for r in results["rows"]:
+        ratio_key = f"ratio_{r['side']}_{r['shape']}_{r['dtype']}"
+        ratio = "" if r["side"] == "gpt2jax" else f"{results[ratio_key]:.2f}x"
+        lines.append(f"| {r['shape']} | {r['dtype']} | {r['side']} | {r['tok_s']:.0f} | "
+                     f"{r['mfu_own_peak']:.1%} | {r['first_step_s']:.1f} | {ratio} |")
+    return "\n".join(lines)
+
+
+def readme_table(paths) -> str:
+    """The README's training rows: one per host (JSON file) and shape, fp32."""
+    lines = ["| host | shape | gpt2jax tok/s | MFU (JAX's own peak) | torch.compile nanoGPT "
+             "tok/s | HF eager tok/s | gpt2jax / compiled | gpt2jax / HF |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        host = f"{r['machine']['cpu']}, {r['machine']['cores']} cores"
+        for shape in SHAPES:
+            k = f"{shape}_fp32"
+            lines.append(
+                f"| {host} | {shape} | {r[f'gpt2jax_{k}_tok_s']:.0f} | "
+                f"{r[f'gpt2jax_{k}_mfu_own_peak']:.0%} | {r[f'torch_compiled_{k}_tok_s']:.0f} | "
+                f"{r[f'torch_{k}_tok_s']:.0f} | {r[f'ratio_torch_compiled_{k}']:.2f}x | "
+                f"{r[f'ratio_torch_{k}']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -165,14 +308,24 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m eval.bench_train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", type=Path, help="write the results here")
-    parser.add_argument("--quick", action="store_true", help="fewer timed steps (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="3 timed steps (smoke test)")
+    parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    parser.add_argument("--readme", action="store_true",
+                        help="rewrite README's training table from eval/results/bench_train*.json")
     args = parser.parse_args(argv)
-    results = run(quick=args.quick)
-    print(format_table(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"wrote {args.json}")
+    if not args.readme or args.json:
+        results = run(quick=args.quick, dtypes=tuple(args.dtypes))
+        print(format_table(results))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=2))
+            args.json.with_suffix(".md").write_text(
+                "# Training throughput\n\n`python -m eval.bench_train`\n\n"
+                + format_table(results) + "\n")
+            print(f"wrote {args.json}")
+    if args.readme:
+        common.write_readme_block(
+            "bench_train", readme_table(sorted(common.RESULTS.glob("bench_train*.json"))))
     return 0
 
 

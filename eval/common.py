@@ -124,3 +124,17 @@ def write_json(path: Path, payload: dict) -> Path:
 
 def perplexity(nll: float) -> float:
     return math.exp(nll)
+
+
+README = RESULTS.parents[1] / "README.md"
+
+
+def write_readme_block(name: str, text: str, readme: Path = README) -> None:
+    """Replace the README text between `<!-- name:begin -->` and `<!-- name:end -->`, so that
+    figures in the README are written from eval/results/*.json by code, never by hand."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    doc = readme.read_text()
+    if begin not in doc or end not in doc:
+        raise ValueError(f"{readme} has no '{begin}' ... '{end}' block to write {name} into")
+    head, rest = doc.split(begin, 1)
+    readme.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")

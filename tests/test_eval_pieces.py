@@ -54,3 +54,37 @@ def test_score_error_shrinks_with_bits():
     exact = kv_quant.score_error(qk, TurboQuantConfig(bits=4))
     assert 0 <= exact["attention_tv"] < 0.1
     assert jnp.isfinite(exact["score_rel_rmse"])
+
+
+def test_profile_categories_on_a_compiled_train_step():
+    """Every dense matmul of a real compiled step lands in its category: the Linear layers'
+    dots, the fused head's dots, and an optimizer after the gradient."""
+    from eval import profile_step
+    from train import optim
+    from train import step as step_lib
+
+    config = CONFIG.replace(n_layer=2, block_size=16)
+    optimizer = optim.make_optimizer(weight_decay=0.1)
+    state = step_lib.init_state(init_params(config, jax.random.key(0)), optimizer, 0)
+    x = jnp.zeros((1, 2, 16), jnp.int32)
+    step = jax.jit(step_lib.make_train_step(config, optimizer))
+    text = step.lower(state, x, x, np.float32(1e-3)).compile().as_text()
+    table = profile_step.hlo_instructions(text)
+    categories = {name: profile_step.categorize(name, op) for name, (_, op) in table.items()}
+    for module in ("c_attn", "c_fc"):
+        dots = [n for n, (_, op) in table.items() if f"/{module}/dot_general" in op]
+        assert dots and {categories[n] for n in dots} == {"layer matmuls"}, module
+    head = [n for n, (_, op) in table.items() if "CD,VD->CV" in op and "dot" in op]
+    assert head and {categories[n] for n in head} == {"head matmuls"}
+    assert "optimizer" in categories.values()
+
+
+def test_readme_block_is_replaced_between_its_markers(tmp_path):
+    from eval import common
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- t:begin -->\nold\n<!-- t:end -->\noutro\n")
+    common.write_readme_block("t", "| new |", readme)
+    assert readme.read_text() == "intro\n<!-- t:begin -->\n| new |\n<!-- t:end -->\noutro\n"
+    with pytest.raises(ValueError, match="no '<!-- other:begin -->'"):
+        common.write_readme_block("other", "x", readme)
