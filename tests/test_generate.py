@@ -107,14 +107,8 @@ def test_rows_that_emit_eos_keep_emitting_it(tiny):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_one_compilation_per_prompt_bucket(monkeypatch):
-    # the module, even where the package exports the function under the same name
-    generate_module = importlib.import_module("gpt2jax.generate")
+def test_one_compilation_per_prompt_bucket(apply_traces):
     config, params = _model(vocab_size=89)  # a config no other test compiles for
-    traces = []
-    real_apply = generate_module.apply
-    monkeypatch.setattr(generate_module, "apply",
-                        lambda *a, **kw: traces.append(1) or real_apply(*a, **kw))
     calls = [  # prompt lengths 3..16 share the 16 bucket
         dict(prompts=[[1, 2, 3]], temperature=0.7, top_p=0.9, key=jax.random.key(0)),
         dict(prompts=[list(range(16))], temperature=0.0, top_p=0.5, key=jax.random.key(1)),
@@ -123,11 +117,11 @@ def test_one_compilation_per_prompt_bucket(monkeypatch):
     counts = []
     for call in calls:
         generate(params, config, max_new_tokens=5, **call)
-        counts.append(len(traces))
+        counts.append(len(apply_traces))
     assert counts[0] > 0 and counts == [counts[0]] * 3, counts
     generate(params, config, [list(range(17))], max_new_tokens=5, top_p=0.9,
              key=jax.random.key(0))  # the 32 bucket: a new program
-    assert len(traces) > counts[0]
+    assert len(apply_traces) > counts[0]
 
 
 @pytest.mark.parametrize(
@@ -188,17 +182,12 @@ def test_stream_concatenates_to_generate(tiny, temperature):
     np.testing.assert_array_equal(np.concatenate(chunks, axis=1), once)
 
 
-def test_stream_compiles_once_per_chunk_shape(monkeypatch):
-    generate_module = importlib.import_module("gpt2jax.generate")
+def test_stream_compiles_once_per_chunk_shape(apply_traces):
     config, params = _model(vocab_size=91)  # a config no other test compiles for
-    traces = []
-    real_apply = generate_module.apply
-    monkeypatch.setattr(generate_module, "apply",
-                        lambda *a, **kw: traces.append(1) or real_apply(*a, **kw))
     counts = []
     for _ in generate_stream(params, config, PROMPTS, max_new_tokens=1 + 4 * 3 + 2,
                              key=jax.random.key(0), chunk_size=3):
-        counts.append(len(traces))
+        counts.append(len(apply_traces))
     # prefill, then the 3-step scan traced at its first chunk only, the 2-step tail once
     assert counts[0] > 0 and counts[1] > counts[0]
     assert counts[1:5] == [counts[1]] * 4 and counts[5] > counts[4], counts
@@ -206,7 +195,7 @@ def test_stream_compiles_once_per_chunk_shape(monkeypatch):
                              max_new_tokens=1 + 4 * 3 + 2, key=jax.random.key(1),
                              temperature=0.5, chunk_size=3):
         pass  # other keys, temperature and prompt lengths in the bucket: no new trace
-    assert len(traces) == counts[-1]
+    assert len(apply_traces) == counts[-1]
 
 
 def test_stream_ends_once_every_row_emitted_eos(tiny):
