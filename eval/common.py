@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from eval.perplexity import sliding_window_nll
-from gpt2jax import checkpoint
+from gpt2jax import checkpoint, cli
 from gpt2jax.config import GPTConfig
 from train import config as train_config
 from train import data as data_lib
@@ -95,8 +95,7 @@ def parse_experiment_args(prog: str, doc: str, quick_help: str, argv=None, *,
                           more_arguments=None) -> argparse.Namespace:
     """The flags every experiment takes (--quick, --out, --work), plus `more_arguments(p)`;
     args.out defaults to eval/results, or eval/results/quick with --quick."""
-    p = argparse.ArgumentParser(prog=prog, description=doc,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog, description=doc)  # one-line errors, --verbose
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out", type=Path, help="results folder (default eval/results; with "
                    "--quick eval/results/quick)")

@@ -9,9 +9,9 @@ the previous window did not, so every token is scored exactly once, with up to
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
+import sys
 from pathlib import Path
 
 import jax
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from gpt2jax import model
+from gpt2jax import cli, model
 from gpt2jax.config import GPTConfig
 
 
@@ -81,8 +81,8 @@ def sliding_window_nll(params, config: GPTConfig, tokens, *, context: int | None
     return total / count, count
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser("python -m eval.perplexity", description=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ckpt", help="gpt2jax training checkpoint directory")
     src.add_argument("--hf", help="Hugging Face GPT-2 directory (or a hub name when online)")
@@ -90,8 +90,10 @@ def main(argv=None):
     p.add_argument("--context", type=int, default=None, help="window length (default block)")
     p.add_argument("--stride", type=int, default=None, help="default: context (no overlap)")
     p.add_argument("--batch-size", type=int, default=8)
-    args = p.parse_args(argv)
+    return p
 
+
+def _perplexity(args) -> None:
     if args.ckpt:
         from gpt2jax import checkpoint
 
@@ -112,5 +114,10 @@ def main(argv=None):
     print(f"tokens scored: {n:,}  nll: {nll:.4f} nats  perplexity: {math.exp(nll):.3f}")
 
 
+
+def main(argv=None) -> int:
+    return cli.run(_perplexity, build_parser(), argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -37,6 +37,7 @@ from gpt2jax.config import GPTConfig
 
 FORMAT = 1
 _MAX_LISTED = 8
+_WHERE = "pass the --out folder of a gpt2jax training run, or its checkpoints/ folder"
 
 
 class CheckpointMismatchError(ValueError):
@@ -110,7 +111,7 @@ class Checkpointer:
                  read_only: bool = False):
         self.directory = Path(directory).absolute()
         if read_only and not self.directory.is_dir():
-            raise FileNotFoundError(f"checkpoint folder {self.directory} does not exist")
+            raise FileNotFoundError(f"checkpoint folder {self.directory} does not exist: {_WHERE}")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             # Synchronous: a step returned from save() is on disk, so a kill right after
@@ -194,7 +195,9 @@ class Checkpointer:
                 adapters = self._restore_adapters(step, meta, config)
                 from gpt2jax import lora
 
-                return config, lora.merge(load_base(meta["lora"]["base"], config), adapters)
+                # an int8 base stays int8: merged, then rounded again
+                return config, lora.merge(load_base(meta["lora"]["base"], config), adapters,
+                                          requantize=True)
             expected = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
             if "int8" in meta:  # written by `python -m gpt2jax.quantize`
                 options = int8.options(meta["int8"])
@@ -203,7 +206,7 @@ class Checkpointer:
 
         found = self._newest_readable(read, quarantine=False)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise FileNotFoundError(f"no checkpoint in {self.directory}: {_WHERE}")
         return found
 
     def load_adapters(self):
@@ -220,7 +223,7 @@ class Checkpointer:
 
         found = self._newest_readable(read, quarantine=False)
         if found is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+            raise FileNotFoundError(f"no checkpoint in {self.directory}: {_WHERE}")
         return found
 
     def _restore_adapters(self, step: int, meta: dict, config: GPTConfig):
@@ -289,7 +292,8 @@ def load(directory: str | os.PathLike) -> tuple[GPTConfig, dict]:
     """(config, params) from the newest readable checkpoint, for sampling and evaluation
     (`python -m gpt2jax.sample --ckpt DIR`). `directory` is a checkpoint folder or a
     training run's folder holding one in `checkpoints/`. A LoRA checkpoint gives its base
-    with the adapters merged in (K + s·A·B: the adapted model at the base's speed)."""
+    with the adapters merged in (K + s·A·B: the adapted model at the base's speed; over an
+    int8 base, K + s·A·B rounded to int8 again)."""
     ckpt = _reader(directory)
     try:
         return ckpt.load_params()

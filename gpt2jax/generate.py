@@ -19,7 +19,7 @@ TurboQuant codes). It is static: each kind is its own program, the decode scan t
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -167,6 +167,24 @@ def _prepare(prompts, config: GPTConfig, max_new_tokens, temperature, top_k, top
 # ---------------------------------------------------------------------------- generation
 
 
+def _setup(prompts, config: GPTConfig, max_new_tokens, temperature, top_k, top_p, eos_id,
+           use_cache, kv_cache):
+    """Every argument checked: (tokens_BP, lengths_B, the traced sampling values, the static
+    arguments of prefill and decode alike, and the prefill's cache shape and kind)."""
+    tokens_BP, lengths_B, max_len = _prepare(
+        prompts, config, max_new_tokens, temperature, top_k, top_p, eos_id)
+    if kv_cache is not None and not use_cache:
+        raise ValueError(
+            f"kv_cache={kv_cache!r} needs use_cache=True: the no-cache path stores no keys; "
+            f"drop kv_cache or set use_cache=True")
+    check_cache_kind(kv_cache, config)
+    sampling = (jnp.float32(temperature), jnp.float32(1.0 if top_p is None else top_p),
+                jnp.int32(-1 if eos_id is None else eos_id))
+    static = dict(config=config, top_k=None if top_k is None else int(top_k),
+                  nucleus=top_p is not None, use_cache=use_cache)
+    return tokens_BP, lengths_B, sampling, static, dict(max_len=max_len, kv_cache=kv_cache)
+
+
 def generate(params, config: GPTConfig, prompts, *, max_new_tokens: int, key,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              eos_id: int | None = None, use_cache: bool = True, kv_cache=None) -> jax.Array:
@@ -182,65 +200,107 @@ def generate(params, config: GPTConfig, prompts, *, max_new_tokens: int, key,
     `model.unstack_layers(params)`: each call unstacks them first, a copy of the layer
     weights that callers generating many times can do once instead.
     """
-    tokens_BP, lengths_B, max_len = _prepare(
-        prompts, config, max_new_tokens, temperature, top_k, top_p, eos_id)
-    if kv_cache is not None and not use_cache:
-        raise ValueError(
-            f"kv_cache={kv_cache!r} needs use_cache=True: the no-cache path stores no keys; "
-            f"drop kv_cache or set use_cache=True")
-    check_cache_kind(kv_cache, config)
-    return _generate(
-        params, tokens_BP, lengths_B, key, jnp.float32(temperature),
-        jnp.float32(1.0 if top_p is None else top_p), jnp.int32(-1 if eos_id is None else eos_id),
-        config=config, max_new_tokens=int(max_new_tokens), max_len=max_len,
-        top_k=None if top_k is None else int(top_k),
-        nucleus=top_p is not None, use_cache=use_cache, kv_cache=kv_cache,
-    )
+    tokens_BP, lengths_B, sampling, static, cache = _setup(
+        prompts, config, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, kv_cache)
+    return _generate(params, tokens_BP, lengths_B, key, sampling,
+                     max_new_tokens=int(max_new_tokens), **static, **cache)
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "config", "max_new_tokens", "max_len", "top_k", "nucleus", "use_cache", "kv_cache"))
-def _generate(params, tokens_BP, lengths_B, key, temperature, top_p, eos_id, *, config,
-              max_new_tokens, max_len, top_k, nucleus, use_cache, kv_cache):
+def generate_stream(params, config: GPTConfig, prompts, *, max_new_tokens: int, key,
+                    temperature: float = 1.0, top_k: int | None = None,
+                    top_p: float | None = None, eos_id: int | None = None,
+                    use_cache: bool = True, kv_cache=None,
+                    chunk_size: int = 16) -> Iterator[np.ndarray]:
+    """`generate`, delivered as it goes: int32 numpy arrays [batch, n] whose concatenation is
+    `generate`'s tokens for the same arguments.
+
+    The first chunk is the prefill's token (n = 1); then each chunk is one call of a jitted
+    `lax.scan` over `chunk_size` decode steps carrying the cache, so every full chunk reuses
+    one compiled program (the last, shorter one compiles its own). With `eos_id`, the stream
+    ends early once every row has emitted it (generate would pad the rest with eos_id).
+    Arguments are checked here, before the first chunk is asked for."""
+    if not isinstance(chunk_size, int | np.integer) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
+    tokens_BP, lengths_B, sampling, static, cache = _setup(
+        prompts, config, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, kv_cache)
+    params = unstack_layers(params)  # once for all chunks, not once per call
+
+    def chunks():
+        carry = _prefill_jit(params, tokens_BP, lengths_B, key, sampling, **static, **cache)
+        yield np.asarray(carry[1])[:, None]
+        left = int(max_new_tokens) - 1
+        while left > 0 and not (eos_id is not None and np.asarray(carry[3]).all()):
+            carry, toks_BN = _decode_jit(params, carry, sampling, steps=min(chunk_size, left),
+                                         **static)
+            left -= toks_BN.shape[1]
+            yield np.asarray(toks_BN)
+
+    return chunks()
+
+
+def _pick(logits_BV, key, done_B, sampling, top_k, nucleus):
+    """Sample, then pin finished rows to eos_id (eos_id = -1 never matches)."""
+    temperature, top_p, eos_id = sampling
+    tok_B = sample_logits(logits_BV, key, temperature, top_k, top_p if nucleus else None)
+    tok_B = jnp.where(done_B, eos_id, tok_B)
+    return tok_B, done_B | (tok_B == eos_id)
+
+
+def _prefill(params, tokens_BP, lengths_B, key, sampling, *, config, max_len, top_k,
+             nucleus, use_cache, kv_cache):
+    """The prompts through the model and the first new token: the decode carry
+    (state, tok_B, key, done_B), state being the cache or the no-cache token buffer."""
     B, P = tokens_BP.shape
-    rows_B = jnp.arange(B)
     last_B1 = (lengths_B - 1)[:, None]  # index of each row's last prompt token
-    params = unstack_layers(params)  # once, outside the loop: no per-step weight copies
-
-    def pick(logits_BV, key, done_B):
-        """Sample, then pin finished rows to eos_id (eos_id = -1 never matches)."""
-        tok_B = sample_logits(logits_BV, key, temperature, top_k, top_p if nucleus else None)
-        tok_B = jnp.where(done_B, eos_id, tok_B)
-        return tok_B, done_B | (tok_B == eos_id)
-
     if use_cache:
         cache = make_cache(config, B, max_len, kv_cache)
         logits_B1V, cache = apply(params, tokens_BP, config, cache=cache, logits_at=last_B1)
         state = cache.replace(lengths=lengths_B)  # rows continue after their own prompt
-
-        def next_logits(cache, tok_B):
-            logits_B1V, cache = apply(params, tok_B[:, None], config, cache=cache)
-            return logits_B1V[:, 0], cache
     else:
         buf_BS = jnp.zeros((B, max_len), jnp.int32).at[:, :P].set(tokens_BP)
         logits_B1V, _ = apply(params, buf_BS, config, logits_at=last_B1)
         state = (buf_BS, lengths_B)
-
-        def next_logits(state, tok_B):
-            buf_BS, lengths_B = state
-            buf_BS = buf_BS.at[rows_B, lengths_B].set(tok_B)
-            logits_B1V, _ = apply(params, buf_BS, config, logits_at=lengths_B[:, None])
-            return logits_B1V[:, 0], (buf_BS, lengths_B + 1)
-
     key, sub = jax.random.split(key)
-    tok_B, done_B = pick(logits_B1V[:, 0], sub, jnp.zeros((B,), bool))
+    tok_B, done_B = _pick(logits_B1V[:, 0], sub, jnp.zeros((B,), bool), sampling, top_k, nucleus)
+    return state, tok_B, key, done_B
+
+
+def _decode(params, carry, sampling, *, config, steps, top_k, nucleus, use_cache):
+    """`steps` decode steps from `carry` in one `lax.scan`: (carry, tokens int32 [B, steps])."""
+
+    def next_logits(state, tok_B):
+        if use_cache:
+            logits_B1V, state = apply(params, tok_B[:, None], config, cache=state)
+            return logits_B1V[:, 0], state
+        buf_BS, lengths_B = state
+        buf_BS = buf_BS.at[jnp.arange(buf_BS.shape[0]), lengths_B].set(tok_B)
+        logits_B1V, _ = apply(params, buf_BS, config, logits_at=lengths_B[:, None])
+        return logits_B1V[:, 0], (buf_BS, lengths_B + 1)
 
     def step(carry, _):
         state, tok_B, key, done_B = carry
         logits_BV, state = next_logits(state, tok_B)
         key, sub = jax.random.split(key)
-        tok_B, done_B = pick(logits_BV, sub, done_B)
+        tok_B, done_B = _pick(logits_BV, sub, done_B, sampling, top_k, nucleus)
         return (state, tok_B, key, done_B), tok_B
 
-    _, rest_NB = jax.lax.scan(step, (state, tok_B, key, done_B), length=max_new_tokens - 1)
-    return jnp.concatenate([tok_B[:, None], rest_NB.T], axis=1)
+    carry, toks_NB = jax.lax.scan(step, carry, length=steps)
+    return carry, toks_NB.T
+
+
+_STATIC = ("config", "top_k", "nucleus", "use_cache")
+_prefill_jit = jax.jit(_prefill, static_argnames=(*_STATIC, "max_len", "kv_cache"))
+# the carry is donated: each chunk updates the cache buffers in place
+_decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "steps"), donate_argnums=1)
+
+
+@functools.partial(jax.jit, static_argnames=(*_STATIC, "max_len", "kv_cache", "max_new_tokens"))
+def _generate(params, tokens_BP, lengths_B, key, sampling, *, config, max_new_tokens, max_len,
+              top_k, nucleus, use_cache, kv_cache):
+    params = unstack_layers(params)  # once, outside the loop: no per-step weight copies
+    carry = _prefill(params, tokens_BP, lengths_B, key, sampling, config=config,
+                     max_len=max_len, top_k=top_k, nucleus=nucleus, use_cache=use_cache,
+                     kv_cache=kv_cache)
+    _, rest_BN = _decode(params, carry, sampling, config=config, steps=max_new_tokens - 1,
+                         top_k=top_k, nucleus=nucleus, use_cache=use_cache)
+    return jnp.concatenate([carry[1][:, None], rest_BN], axis=1)

@@ -6,8 +6,9 @@
 
 from __future__ import annotations
 
-import argparse
+import sys
 
+from gpt2jax import cli
 from gpt2jax.config import NORM_PLACEMENTS, NORMS, POS_EMBEDDINGS, PRESETS, GPTConfig
 from gpt2jax.model import param_breakdown
 
@@ -39,8 +40,8 @@ def _tying_table() -> str:
     return "\n".join(lines)
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser("python -m gpt2jax.info", description=__doc__)
     p.add_argument("--preset", default="gpt2", choices=PRESETS)
     p.add_argument("--all", action="store_true", help="tied vs untied table for every preset")
     p.add_argument("--pos", choices=POS_EMBEDDINGS)
@@ -48,7 +49,10 @@ def main(argv=None):
     p.add_argument("--norm", choices=NORMS)
     p.add_argument("--untied", action="store_true")
     p.add_argument("--no-bias", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def _info(args) -> None:
     if args.all:
         print(_tying_table())
         return
@@ -62,5 +66,9 @@ def main(argv=None):
     print(_breakdown_table(GPTConfig.preset(args.preset, **overrides), args.preset))
 
 
+def main(argv=None) -> int:
+    return cli.run(_info, build_parser(), argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -314,11 +314,14 @@ def forward(
     """Logits float32 [B, T, vocab] and the updated cache (None in, None out).
 
     tokens: int [B, T]. positions: int [B, T], default 0..T-1 (or the cache's lengths + t).
-    With dropout active (`deterministic=False` and config.dropout > 0) pass `rng`."""
+    With dropout active (`deterministic=False` and config.dropout > 0, or adapters with
+    dropout) pass `rng`."""
     tokens = jnp.asarray(tokens)
     check_tokens(tokens, config)
-    if not deterministic and config.dropout > 0 and rng is None:
-        raise ValueError("forward(deterministic=False) with dropout > 0 needs rng=<PRNG key>")
+    dropout = config.dropout > 0 or (lora is not None and lora.config.dropout > 0)
+    if not deterministic and dropout and rng is None:
+        raise ValueError("forward(deterministic=False) with dropout > 0 (the model's or the "
+                         "adapters') needs rng=<PRNG key>")
     if lora is not None:
         lora_lib.check_compatible(lora, config)
     return _forward(params, tokens, positions, cache, rng, lora, config, deterministic)
@@ -343,7 +346,7 @@ def apply(params, tokens, config: GPTConfig, *, positions=None, cache=None,
     rngs = {"dropout": rng} if rng is not None else {}
     variables = {"params": params, **(variables or {})}
     if lora is not None:
-        variables["lora"] = lora.scaled_tree()
+        variables["lora"] = lora.scaled_tree(training=not deterministic)
     return GPT(config, deterministic, hidden_only).apply(
         variables, tokens, positions, cache, logits_at, rngs=rngs
     )

@@ -8,20 +8,23 @@ The result loads wherever a checkpoint does (`gpt2jax.sample --ckpt`, `eval.perp
 
 from __future__ import annotations
 
-import argparse
+import sys
 
-from gpt2jax import checkpoint
+from gpt2jax import checkpoint, cli
 from gpt2jax.quant import int8
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser("python -m gpt2jax.quantize", description=__doc__)
     p.add_argument("--ckpt", required=True, help="training checkpoint (or run) folder")
     p.add_argument("--out", required=True, help="folder for the quantized checkpoint")
     p.add_argument("--granularity", choices=int8.GRANULARITIES, default="channel")
     p.add_argument("--norms-too", action="store_true",
                    help="ablation: quantize the norm leaves as well")
-    args = p.parse_args(argv)
+    return p
+
+
+def _quantize(args) -> None:
     recorded = {"granularity": args.granularity, "skip": "norms_too" if args.norms_too
                 else "default"}
     config, params = checkpoint.load(args.ckpt)
@@ -31,5 +34,9 @@ def main(argv=None):
     print(f"{args.ckpt} -> {args.out}: {before:,} -> {after:,} bytes ({before / after:.3f}x)")
 
 
+def main(argv=None) -> int:
+    return cli.run(_quantize, build_parser(), argv)
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

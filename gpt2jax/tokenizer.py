@@ -8,9 +8,10 @@ tiktoken pins (tests/test_tokenizer.py checks that the pins still match tiktoken
 
 from __future__ import annotations
 
+import codecs
 import functools
 import importlib.resources
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import tiktoken
@@ -88,3 +89,19 @@ def encode(text: str) -> list[int]:
 def decode(ids: Iterable[int]) -> str:
     """Text of ``ids`` (invalid UTF-8 byte sequences become U+FFFD)."""
     return get_encoding().decode(list(ids))
+
+
+def decode_stream(chunks: Iterable[Iterable[int]]) -> Iterator[str]:
+    """Text of token-id chunks as they arrive (``generate_stream``), never half a character.
+
+    GPT-2's tokens are byte-level: one may end inside a multi-byte UTF-8 character (an emoji
+    is often two or three tokens), so each chunk's bytes go through an incremental decoder
+    that holds an unfinished character back until its last byte comes. The pieces join to
+    ``decode`` of all the ids."""
+    encoding = get_encoding()
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for ids in chunks:
+        if text := utf8.decode(encoding.decode_bytes(list(ids))):
+            yield text
+    if tail := utf8.decode(b"", final=True):
+        yield tail

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
+
+import pytest
 
 # The suite compiles hundreds of tiny programs and runs each a few times: compile time
 # dominates, and XLA's backend optimizations roughly double it (measured: 4.2 s -> 2.2 s per
@@ -14,3 +17,14 @@ os.environ.setdefault(
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GPT2JAX_DATA_DIR", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def apply_traces(monkeypatch):
+    """A list that grows by one whenever generation traces the model (`apply` called while
+    jax traces `gpt2jax.generate`'s functions): a compile counter."""
+    module = importlib.import_module("gpt2jax.generate")  # the module, not the function
+    traces = []
+    real_apply = module.apply
+    monkeypatch.setattr(module, "apply", lambda *a, **kw: traces.append(1) or real_apply(*a, **kw))
+    return traces

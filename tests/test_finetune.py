@@ -4,18 +4,20 @@ sampling a fine-tune's checkpoint uses the merged model."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 
 import jax
 import numpy as np
 import pytest
-from trainutil import TINY_MODEL, small_corpus, tiny_config
+from trainutil import TINY_MODEL, run_child, small_corpus, tiny_config
 
 from gpt2jax import checkpoint as ckpt_lib
-from gpt2jax import lora, sample
+from gpt2jax import lora, quantize, sample
 from gpt2jax.generate import generate
 from gpt2jax.model import init_params
+from gpt2jax.quant import int8
 from train import TrainConfig, optim, train
 from train import step as step_lib
 from train.__main__ import main as train_main
@@ -177,3 +179,69 @@ def test_finetune_over_a_hugging_face_folder(corpus, base_dir, tmp_path):
     adapters, reference = ckpt_lib.load_adapters(result.out)
     assert reference["source"] == f"hf:{(tmp_path / 'hf').absolute()}"
     assert _leaves_equal(merged, lora.merge(jax.tree.map(np.asarray, base), adapters))
+
+
+# ---------------------------------------------------------------------------- int8 base
+
+
+@pytest.fixture(scope="module")
+def int8_finetuned(corpus, base_dir, tmp_path_factory):
+    """Adapters (with dropout, so resume must replay the masks) over an int8 copy of the base."""
+    int8_dir = tmp_path_factory.mktemp("int8")
+    assert quantize.main(["--ckpt", str(base_dir), "--out", str(int8_dir)]) == 0
+    cfg = tiny_config(corpus, tmp_path_factory.mktemp("lora_int8"), init_from=f"ckpt:{int8_dir}",
+                      max_steps=6, ckpt_every=3, lora_dropout=0.1, sample_tokens=4, **LORA)
+    return int8_dir, cfg, train(cfg, progress=False)
+
+
+def test_lora_over_an_int8_base_trains_with_the_base_int8(int8_finetuned):
+    int8_dir, cfg, result = int8_finetuned
+    assert np.mean(result.losses[-2:]) < result.losses[0]
+    _, base = ckpt_lib.load_model(f"ckpt:{int8_dir}")
+    assert int8.is_quantized(base)
+    summary = json.loads((result.out / "summary.json").read_text())
+    assert summary["frozen_base_bytes"] == int8.nbytes(base) < int8.nbytes(int8.dequantize(base))
+    adapters, _ = ckpt_lib.load_adapters(result.out)
+    assert adapters.config == cfg.lora_config() and adapters.config.dropout == 0.1
+    config, merged = ckpt_lib.load(result.out)  # what `sample --ckpt` runs: int8, merged
+    assert int8.is_quantized(merged)
+    assert _leaves_equal(merged, lora.merge(base, adapters, requantize=True))
+    assert result.sample is not None
+
+
+def test_lora_over_an_int8_base_resumes_exactly_after_sigkill(int8_finetuned, tmp_path):
+    _, cfg, reference = int8_finetuned
+    cfg = cfg.replace(out=str(tmp_path / "run"), sample_tokens=0)
+    sigkill = f"lambda s, m: s == 5 and os.kill(os.getpid(), {int(signal.SIGKILL)})"
+    child = run_child(cfg, sigkill)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints").steps() == [3]
+    resumed = train(cfg.replace(resume=True), progress=False)
+    assert resumed.losses == reference.losses and resumed.val_loss == reference.val_loss
+    assert _leaves_equal(ckpt_lib.load_adapters(resumed.out)[0].tree,
+                         ckpt_lib.load_adapters(reference.out)[0].tree)
+
+
+# ---------------------------------------------------------------------------- --lora-from
+
+
+def test_cli_continues_a_peft_adapter(finetuned, corpus, base_dir, tmp_path, capsys):
+    cfg, result = finetuned
+    adapters, _ = ckpt_lib.load_adapters(result.out)
+    lora.save_peft(adapters, tmp_path / "peft")
+    argv = ["--data", str(corpus), "--out", str(tmp_path / "run"), "--init-from",
+            f"ckpt:{base_dir}", "--lora-from", str(tmp_path / "peft"), "--batch-size", "4",
+            "--block-size", "32", "--max-steps", "2", "--lr", "3e-2", "--min-lr", "3e-3",
+            "--eval-batches", "1", "--sample-tokens", "0", "--max-minutes", "0",
+            "--peak-flops", "1e11", "--no-progress"]
+    assert train_main(argv) == 0
+    continued = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # the same first batch (same seed) as the run that trained them, now already adapted
+    records = map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    first = next(r["loss"] for r in records if "loss" in r)  # step 1
+    assert first < result.losses[0] - 0.01
+    assert continued["config"]["lora_rank"] == cfg.lora_rank
+    assert ckpt_lib.load_adapters(tmp_path / "run")[0].config == adapters.config
+    assert train_main(argv + ["--lora-rank", "8"]) == 2
+    assert "sets the adapters' rank, alpha, targets and dropout from its adapter_config.json: " \
+           "drop --lora-rank" in capsys.readouterr().err

@@ -8,9 +8,10 @@ import jax
 import numpy as np
 import pytest
 
+import gpt2jax
 from gpt2jax import hf
 from gpt2jax.config import GPTConfig
-from gpt2jax.generate import generate, sample_logits
+from gpt2jax.generate import generate, generate_stream, sample_logits
 from gpt2jax.model import init_params
 
 TINY = dict(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -106,14 +107,8 @@ def test_rows_that_emit_eos_keep_emitting_it(tiny):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_one_compilation_per_prompt_bucket(monkeypatch):
-    # the module, even where the package exports the function under the same name
-    generate_module = importlib.import_module("gpt2jax.generate")
+def test_one_compilation_per_prompt_bucket(apply_traces):
     config, params = _model(vocab_size=89)  # a config no other test compiles for
-    traces = []
-    real_apply = generate_module.apply
-    monkeypatch.setattr(generate_module, "apply",
-                        lambda *a, **kw: traces.append(1) or real_apply(*a, **kw))
     calls = [  # prompt lengths 3..16 share the 16 bucket
         dict(prompts=[[1, 2, 3]], temperature=0.7, top_p=0.9, key=jax.random.key(0)),
         dict(prompts=[list(range(16))], temperature=0.0, top_p=0.5, key=jax.random.key(1)),
@@ -122,11 +117,11 @@ def test_one_compilation_per_prompt_bucket(monkeypatch):
     counts = []
     for call in calls:
         generate(params, config, max_new_tokens=5, **call)
-        counts.append(len(traces))
+        counts.append(len(apply_traces))
     assert counts[0] > 0 and counts == [counts[0]] * 3, counts
     generate(params, config, [list(range(17))], max_new_tokens=5, top_p=0.9,
              key=jax.random.key(0))  # the 32 bucket: a new program
-    assert len(traces) > counts[0]
+    assert len(apply_traces) > counts[0]
 
 
 @pytest.mark.parametrize(
@@ -160,6 +155,64 @@ def test_rope_generates_past_block_size():
     config, params = _model(pos_embedding="rope", block_size=16)
     out = generate(params, config, [list(range(12))], max_new_tokens=20, key=jax.random.key(0))
     assert out.shape == (1, 20)
+
+
+# ---------------------------------------------------------------------------- streaming
+
+
+def test_generate_is_importable_from_the_package():
+    assert gpt2jax.generate is generate and gpt2jax.generate_stream is generate_stream
+    assert importlib.import_module("gpt2jax.generate").sample_logits is sample_logits
+
+
+def _stream(params, config, prompts, **kwargs):
+    """generate_stream's chunks; 19 tokens in chunks of 5 (the shapes every stream test
+    shares, so they compile once)."""
+    return list(generate_stream(params, config, prompts, max_new_tokens=19, chunk_size=5,
+                                **kwargs))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.9])
+def test_stream_concatenates_to_generate(tiny, temperature):
+    config, params = tiny
+    kwargs = dict(key=jax.random.key(4), temperature=temperature)
+    once = np.asarray(generate(params, config, PROMPTS, max_new_tokens=19, **kwargs))
+    chunks = _stream(params, config, PROMPTS, **kwargs)
+    assert [c.shape for c in chunks] == [(3, 1), (3, 5), (3, 5), (3, 5), (3, 3)]
+    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), once)
+
+
+def test_stream_compiles_once_per_chunk_shape(apply_traces):
+    config, params = _model(vocab_size=91)  # a config no other test compiles for
+    counts = []
+    for _ in generate_stream(params, config, PROMPTS, max_new_tokens=1 + 4 * 3 + 2,
+                             key=jax.random.key(0), chunk_size=3):
+        counts.append(len(apply_traces))
+    # prefill, then the 3-step scan traced at its first chunk only, the 2-step tail once
+    assert counts[0] > 0 and counts[1] > counts[0]
+    assert counts[1:5] == [counts[1]] * 4 and counts[5] > counts[4], counts
+    for _ in generate_stream(params, config, [[7, 8], [1], [4, 5]],
+                             max_new_tokens=1 + 4 * 3 + 2, key=jax.random.key(1),
+                             temperature=0.5, chunk_size=3):
+        pass  # other keys, temperature and prompt lengths in the bucket: no new trace
+    assert len(apply_traces) == counts[-1]
+
+
+def test_stream_ends_once_every_row_emitted_eos(tiny):
+    config, params = tiny
+    kwargs = dict(key=jax.random.key(4), temperature=0.0)
+    free = np.asarray(generate(params, config, PROMPTS, max_new_tokens=19, **kwargs))
+    eos = int(free[0, 3])  # row 0 emits it fourth (a row alone decodes as in the batch)
+    assert eos not in free[0, :3]
+    streamed = np.concatenate(_stream(params, config, PROMPTS[:1], eos_id=eos, **kwargs), 1)
+    assert streamed.shape == (1, 6)  # the first token, then the chunk of 5 it ended in
+    np.testing.assert_array_equal(streamed[0, :4], free[0, :4])
+    assert (streamed[0, 3:] == eos).all()
+    with pytest.raises(ValueError, match="chunk_size=0 must be a positive integer"):
+        generate_stream(params, config, PROMPTS, max_new_tokens=4, key=jax.random.key(0),
+                        chunk_size=0)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):  # raised at the call
+        generate_stream(params, config, PROMPTS, max_new_tokens=0, key=jax.random.key(0))
 
 
 # ---------------------------------------------------------------------------- sample_logits

@@ -4,7 +4,6 @@ closeness to the float cache on a trained model, the exact window, seeds and err
 from __future__ import annotations
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -248,21 +247,16 @@ def test_greedy_tokens_mostly_equal_the_float_cache(trained):
 # ---------------------------------------------------------------------------- seeds, traces
 
 
-def test_same_seed_same_tokens_one_trace_other_seed_other_codes(monkeypatch):
-    generate_module = importlib.import_module("gpt2jax.generate")
+def test_same_seed_same_tokens_one_trace_other_seed_other_codes(apply_traces):
     config, params = _model(vocab_size=83)  # a config no other test compiles for
-    traces = []
-    real_apply = generate_module.apply
-    monkeypatch.setattr(generate_module, "apply",
-                        lambda *a, **kw: traces.append(1) or real_apply(*a, **kw))
     kwargs = dict(max_new_tokens=8, key=jax.random.key(4), temperature=1.0,
                   kv_cache=TurboQuantConfig(bits=2, seed=7))
     first = np.asarray(generate(params, config, [[3, 1, 4, 1, 5]], **kwargs))
-    count = len(traces)
+    count = len(apply_traces)
     assert count > 0
     generate(params, config, [[3, 1, 4]], **kwargs)  # another length of the bucket
     np.testing.assert_array_equal(generate(params, config, [[3, 1, 4, 1, 5]], **kwargs), first)
-    assert len(traces) == count
+    assert len(apply_traces) == count
 
     tokens = jnp.asarray([[3, 1, 4, 1, 5]])
     codes = {seed: _step(params, tokens, init_turboquant_cache(

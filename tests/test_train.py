@@ -214,6 +214,8 @@ def test_cli_trains_every_switch_and_prints_a_sample(corpus, tmp_path, capsys):
     assert train_main(argv) == 0
     out = capsys.readouterr().out
     assert "step 3: val loss" in out and "---- sample ----" in out
+    # the sample starts from the data's first line, not from blank lines
+    assert out.split("---- sample ----\n")[1].startswith("First Citizen:\n")
     config, params = ckpt_lib.load(tmp_path / "cli")
     assert (config.pos_embedding, config.norm, config.norm_placement) == ("rope", "rmsnorm",
                                                                           "post")

@@ -1,9 +1,11 @@
 """python -m train --preset shakespeare [flags]: parse arguments, call train.train().
 
-LoRA fine-tuning of a trained model on new text:
+LoRA fine-tuning of a trained model on new text (the base may be an int8 checkpoint), or
+continuing a peft adapter:
 
     python -m train --init-from ckpt:out/shakespeare --lora-rank 8 --lora-alpha 16 --rslora \
-        --data my_text.txt --out out/lora --max-steps 300
+        --lora-dropout 0.05 --data my_text.txt --out out/lora --max-steps 300
+    python -m train --init-from hf:gpt2-dir --lora-from peft-adapter-dir --data my_text.txt
 """
 
 from __future__ import annotations
@@ -11,13 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt2jax import cli, lora
 from gpt2jax import config as model_config_lib
-from gpt2jax import lora
-from gpt2jax.checkpoint import CheckpointMismatchError
 from gpt2jax.config import GPTConfig
 from gpt2jax.sharding import parse_mesh
 from train import config as config_lib
-from train.data import DataError
 from train.trainer import NonFiniteLossError, train
 
 # (flag, GPTConfig field, type, choices): every model switch is reachable from the CLI.
@@ -49,12 +49,23 @@ TRAIN_FLAGS = (
     ("--peak-flops", "peak_flops", float), ("--sample-tokens", "sample_tokens", int),
     ("--temperature", "temperature", float), ("--top-k", "top_k", int),
     ("--lora-rank", "lora_rank", int), ("--lora-alpha", "lora_alpha", float),
+    ("--lora-dropout", "lora_dropout", float), ("--lora-from", "lora_from", str),
 )
+LORA_SHAPE_FIELDS = ("lora_rank", "lora_alpha", "rslora", "lora_targets", "lora_dropout")
+HELP = {
+    "max_steps": "TrainConfig.max_steps; a preset's warmup_steps that would not fit shrinks to "
+                 "max_steps // 10 unless --warmup-steps is given",
+    "lora_dropout": "with --lora-rank: share of the adapters' input dropped in training (as "
+                    "peft's lora_dropout; default 0)",
+    "lora_from": "a peft LoRA folder (adapter_config.json + adapter_model.safetensors) to "
+                 "continue training, over --init-from; rank, alpha, targets and dropout come "
+                 "from it",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m train",
+def build_parser() -> cli.ArgumentParser:
+    p = cli.ArgumentParser(
+        "python -m train",
         description="Train a GPT-2-shaped model. A --preset gives every default; flags "
         "override single fields (python -m train --preset shakespeare --print-config).",
     )
@@ -71,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no biases in Linear and LayerNorm")
     p.add_argument("--bias", dest="bias", action="store_true")
     for flag, field, typ in TRAIN_FLAGS:
-        p.add_argument(flag, dest=field, type=typ, help=f"TrainConfig.{field}")
+        p.add_argument(flag, dest=field, type=typ, help=HELP.get(field, f"TrainConfig.{field}"))
     p.add_argument("--rslora", action="store_true", default=None,
                    help="with --lora-rank: scale adapters by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--lora-targets", dest="lora_targets", nargs="+", metavar="TARGET",
@@ -101,28 +112,28 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.max_minutes == 0:  # no time budget
         changes["max_minutes"] = None
+    if args.lora_from is not None:
+        given = [f"--{f.replace('_', '-')}" for f in LORA_SHAPE_FIELDS if f in changes]
+        if given:
+            raise ValueError(f"--lora-from {args.lora_from} sets the adapters' rank, alpha, "
+                             f"targets and dropout from its adapter_config.json: drop "
+                             f"{', '.join(given)}")
+    if "max_steps" in changes and "warmup_steps" not in changes:
+        if cfg.warmup_steps >= changes["max_steps"]:  # e.g. a 2-step smoke run of a preset
+            changes["warmup_steps"] = changes["max_steps"] // 10
     return cfg.replace(model=model, **changes)
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def _train(args) -> int:
+    cfg = config_from_args(args)
     if args.print_config:
         print(cfg.to_json())
         return 0
-
     try:
         result = train(cfg, progress=not args.no_progress)
-    except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except NonFiniteLossError as e:  # not a bad input: status 1
+        print(f"python -m train: error: {e}", file=sys.stderr)
         return 1
-    except (DataError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     if result.val_loss is not None:
         print(f"step {result.step}: val loss {result.val_loss:.4f} after "
               f"{result.elapsed_s / 60:.1f} min ({result.stopped}); run folder {result.out}")
@@ -132,6 +143,10 @@ def main(argv=None) -> int:
         print("---- sample ----")
         print(result.sample)
     return 0
+
+
+def main(argv=None) -> int:
+    return cli.run(_train, build_parser(), argv)
 
 
 if __name__ == "__main__":

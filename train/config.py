@@ -14,7 +14,7 @@ from gpt2jax.lora import LoRAConfig
 TRAJECTORY_FIELDS = (
     "model", "seed", "batch_size", "grad_accum", "max_steps", "lr", "min_lr",
     "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "lora_rank",
-    "lora_alpha", "rslora", "lora_targets",
+    "lora_alpha", "rslora", "lora_targets", "lora_dropout",
 )
 
 
@@ -46,6 +46,8 @@ class TrainConfig:
     lora_alpha: float = 16.0
     rslora: bool = False  # scale alpha/sqrt(r) instead of alpha/r
     lora_targets: tuple[str, ...] = ("c_attn.qv",)
+    lora_dropout: float = 0.0  # on the adapters' input, training only (as peft)
+    lora_from: str | None = None  # a peft adapter folder to continue (sets the lora_ fields)
     mesh_data: int = 1  # devices on the 'data' axis
     fsdp: bool = False  # shard params and optimizer state over 'data' too
     peak_flops: float | None = None  # per device, for MFU; measured with a matmul when None
@@ -83,13 +85,19 @@ class TrainConfig:
                     f"lora_rank={self.lora_rank} needs a base model to adapt: pass --init-from "
                     f"ckpt:DIR, hf:DIR or gpt2"
                 )
+        if self.lora_from is not None and self.init_from is None:
+            raise ValueError(
+                f"lora_from={self.lora_from!r} needs the base model the adapters were trained "
+                f"on: pass --init-from hf:DIR, ckpt:DIR or gpt2"
+            )
 
     def lora_config(self) -> LoRAConfig | None:
         """The adapters' config, or None for full training."""
         if not self.lora_rank:
             return None
         return LoRAConfig(rank=self.lora_rank, alpha=self.lora_alpha,
-                          targets=self.lora_targets, rslora=self.rslora)
+                          targets=self.lora_targets, rslora=self.rslora,
+                          dropout=self.lora_dropout)
 
     @property
     def tokens_per_step(self) -> int:

@@ -109,7 +109,9 @@ def resolve_sources(data: str | os.PathLike) -> list[Path]:
     if path.is_file():
         return [path]
     if path.suffix or os.sep in str(data):
-        raise FileNotFoundError(f"--data {data}: no such file or folder")
+        raise FileNotFoundError(
+            f"--data {data}: no such file or folder; pass a UTF-8 text file, a folder of .txt "
+            f"files, a prepared folder (train.bin, val.bin) or one of {', '.join(DATASETS)}")
     raise DataError(
         f"--data {data!r} is neither a file, a folder, nor a known dataset "
         f"({', '.join(DATASETS)}): pass a path to UTF-8 text or one of those names"

@@ -55,7 +55,7 @@ def make_train_step(config: GPTConfig, optimizer: optax.GradientTransformation,
 
     Gradients of the K micro-batches are averaged inside one jitted call (lax.scan), so
     accumulation costs no host round trips and the update equals one batch of K*B rows."""
-    dropout = config.dropout > 0
+    dropout = config.dropout > 0 or (lora_config is not None and lora_config.dropout > 0)
 
     def micro_loss(trainable, base, x_BT, y_BT, rng):
         params, lora = _model_inputs(trainable, base, config, lora_config)

@@ -33,6 +33,7 @@ from gpt2jax import sharding, tokenizer
 from gpt2jax.config import GPTConfig
 from gpt2jax.generate import generate
 from gpt2jax.model import init_params
+from gpt2jax.quant import int8
 from train import data as data_lib
 from train import optim, perf
 from train import step as step_lib
@@ -80,6 +81,33 @@ def initial_params(cfg: TrainConfig) -> tuple[GPTConfig, dict]:
     config, params = ckpt_lib.load_model(cfg.init_from, block_size=cfg.model.block_size)
     config = config.replace(dropout=cfg.model.dropout, dtype=cfg.model.dtype)
     return config, jax.tree.map(jnp.asarray, params)
+
+
+def initial_adapters(cfg: TrainConfig, config: GPTConfig):
+    """(cfg with its lora_ fields resolved, the adapters to start from, or None for full
+    training): read from the peft folder cfg.lora_from, else fresh at cfg.lora_rank."""
+    if cfg.lora_from is None:
+        if not cfg.lora_rank:
+            return cfg, None
+        key = jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)
+        return cfg, lora_lib.init(cfg.lora_config(), config, key)
+    adapters = lora_lib.load_peft(cfg.lora_from, config)
+    lc = adapters.config
+    if cfg.lora_rank and cfg.lora_config() != lc:
+        raise ValueError(
+            f"lora_from={cfg.lora_from!r} holds {lc}, not the {cfg.lora_config()} the lora_ "
+            f"fields ask for: leave them unset, the folder sets them")
+    return cfg.replace(lora_rank=lc.rank, lora_alpha=lc.alpha, lora_targets=lc.targets,
+                       rslora=lc.rslora, lora_dropout=lc.dropout), adapters
+
+
+def sample_prompt(tokens, max_tokens: int = 16) -> list[int]:
+    """The opening of `tokens` (the train split) up to its first line break, at most
+    `max_tokens` ids: a real context to sample from. A bare "\n" left the main job's model
+    at its unigram favourite, "\n": its sample began with nine blank lines."""
+    ids = np.asarray(tokens[:max_tokens]).tolist()
+    ends = [i for i, t in enumerate(ids) if i and "\n" in tokenizer.decode([t])]
+    return ids[: ends[0] + 1] if ends else ids
 
 
 def _truncate_metrics(path: Path, step: int) -> list[float]:
@@ -131,15 +159,16 @@ def evaluate(eval_fn, params, tokens, cfg: TrainConfig, batch_sharding, max_batc
     return total / weight
 
 
-def sample_text(params, config: GPTConfig, cfg: TrainConfig, prompt: str = "\n") -> str:
-    """`cfg.sample_tokens` tokens continuing `prompt` (fewer if learned positions end first)."""
-    ids = tokenizer.encode(prompt)
+def sample_text(params, config: GPTConfig, cfg: TrainConfig, prompt: list[int]) -> str:
+    """The text of `prompt` (token ids) and `cfg.sample_tokens` tokens continuing it (fewer
+    if learned positions end first)."""
     n = cfg.sample_tokens
     if config.pos_embedding == "learned":
-        n = min(n, config.block_size - len(ids))
-    out = generate(params, config, [ids], max_new_tokens=n, key=jax.random.PRNGKey(cfg.seed),
-                   temperature=cfg.temperature, top_k=cfg.top_k)
-    return prompt + tokenizer.decode(np.asarray(out[0]).tolist())
+        n = min(n, config.block_size - len(prompt))
+    out = generate(params, config, [prompt], max_new_tokens=n,
+                   key=jax.random.PRNGKey(cfg.seed), temperature=cfg.temperature,
+                   top_k=cfg.top_k)
+    return tokenizer.decode(prompt + np.asarray(out[0]).tolist())
 
 
 def plot_curves(metrics_path: Path, png_path: Path) -> None:
@@ -206,13 +235,11 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     val_tokens = data_lib.load_split(data_dir, "val")
 
     model_config, params = initial_params(cfg)
-    cfg = cfg.replace(model=model_config)
+    cfg, adapters = initial_adapters(cfg.replace(model=model_config), model_config)
     lora_config = cfg.lora_config()
     frozen, lora_meta = (), {}
-    if lora_config is not None:  # params become the frozen base; the adapters train
-        base = params
-        params = lora_lib.init(lora_config, model_config,
-                               jax.random.fold_in(jax.random.PRNGKey(cfg.seed), 1)).tree
+    if adapters is not None:  # params become the frozen base (float or int8); adapters train
+        base, params = params, adapters.tree
         lora_meta = {"lora": {"config": lora_config.to_dict(), "base": {
             "source": ckpt_lib.source_reference(cfg.init_from),
             "sha256": ckpt_lib.fingerprint(base)}}}
@@ -388,8 +415,10 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
         params = multihost_utils.process_allgather(state["params"], tiled=True)
         if lora_config is not None:  # sample from the merged model, as `sample --ckpt` does
             base = multihost_utils.process_allgather(frozen[0], tiled=True)
-            params = lora_lib.merge(base, lora_lib.Adapters(params, lora_config, model_config))
-        sample = sample_text(params, model_config, cfg)
+            params = lora_lib.merge(base, lora_lib.Adapters(params, lora_config, model_config),
+                                    requantize=True)
+        prompt = sample_prompt(train_tokens, min(16, model_config.block_size // 2))
+        sample = sample_text(params, model_config, cfg, prompt)
     result = TrainResult(
         config=cfg, step=step, stopped=stopped, losses=losses, val_loss=val_loss,
         wall_s=time.perf_counter() - t_start, elapsed_s=elapsed(), tokens_per_s=tok_s, mfu=mfu,
@@ -401,6 +430,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
                    if k not in ("losses", "config")}
         summary.update(config=cfg.to_dict(), out=str(out), peak_flops=peak,
                        flops_per_token=flops_per_token, trainable_params=trainable_count,
+                       frozen_base_bytes=int8.nbytes(frozen[0]) if frozen else None,
                        final_train_loss=losses[-1] if losses else None)
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return result

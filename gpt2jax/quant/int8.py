@@ -77,6 +77,11 @@ def quantize_array(w: jax.Array, *, granularity: str = "channel", kernel: bool =
     return QTensor(values=values, scale=scale)
 
 
+def granularity_of(q: QTensor) -> str:
+    """How a kernel was quantized, read from its scale: one per column, or one in all."""
+    return "channel" if q.scale.shape[-1] > 1 else "tensor"
+
+
 def _check_quantizable(params) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(
         params, is_leaf=lambda x: isinstance(x, QTensor)
