@@ -1,5 +1,9 @@
 """python -m train --preset shakespeare [flags]: parse arguments, call train.train().
 
+The compute dtype defaults to bfloat16 on a GPU or TPU and float32 on CPU (--dtype overrides).
+Several processes (a cluster, or `python -m train.launch` on one machine) run this same command;
+see the README's "Scale out".
+
 LoRA fine-tuning of a trained model on new text:
 
     python -m train --init-from ckpt:out/shakespeare --lora-rank 8 --lora-alpha 16 --rslora \
@@ -10,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
+
+import jax
 
 from gpt2jax import config as model_config_lib
-from gpt2jax import lora
+from gpt2jax import lora, sharding
 from gpt2jax.checkpoint import CheckpointMismatchError
 from gpt2jax.config import GPTConfig
-from gpt2jax.sharding import parse_mesh
 from train import config as config_lib
 from train.data import DataError
 from train.trainer import NonFiniteLossError, train
@@ -35,6 +41,7 @@ MODEL_FLAGS = (
     ("--layer-norm-epsilon", "layer_norm_epsilon", float, None),
     ("--dtype", "dtype", str, model_config_lib.DTYPES),
     ("--param-dtype", "param_dtype", str, model_config_lib.DTYPES),
+    ("--attention", "attention_impl", str, model_config_lib.ATTENTION_IMPLS),
     ("--init-std", "init_std", float, None),
 )
 TRAIN_FLAGS = (
@@ -88,29 +95,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
+def config_from_args(args: argparse.Namespace, platform: str = "cpu") -> config_lib.TrainConfig:
+    """The run `args` describe on `platform` (jax.default_backend()), which picks the compute
+    dtype when --dtype does not."""
     cfg = config_lib.preset(args.preset)
     model = GPTConfig.preset(args.model) if args.model else cfg.model
     model_changes = {field: getattr(args, field) for _, field, _, _ in MODEL_FLAGS}
-    model_changes.update(tie_embeddings=args.tie_embeddings, bias=args.bias)
+    model_changes.update(tie_embeddings=args.tie_embeddings, bias=args.bias,
+                         dtype=args.dtype or config_lib.platform_dtype(platform))
     model = model.replace(**{k: v for k, v in model_changes.items() if v is not None})
     changes = {field: getattr(args, field) for _, field, _ in TRAIN_FLAGS}
     changes.update(resume=args.resume, fsdp=args.fsdp, rslora=args.rslora,
                    lora_targets=tuple(args.lora_targets) if args.lora_targets else None,
-                   mesh_data=parse_mesh(args.mesh) if args.mesh else None)
+                   mesh_data=sharding.parse_mesh(args.mesh) if args.mesh else None)
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.max_minutes == 0:  # no time budget
         changes["max_minutes"] = None
     return cfg.replace(model=model, **changes)
 
 
+def _fail(message: str, code: int) -> int:
+    """Print `message`; one of several processes then leaves at once (see exit_at_once)."""
+    print(message, file=sys.stderr)
+    if jax.process_count() > 1:
+        sharding.exit_at_once(code)
+    return code
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    sharding.initialize_distributed()  # before anything touches a device (the platform does)
     try:
-        cfg = config_from_args(args)
+        cfg = config_from_args(args, jax.default_backend())
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2)
     if args.print_config:
         print(cfg.to_json())
         return 0
@@ -118,11 +136,15 @@ def main(argv=None) -> int:
     try:
         result = train(cfg, progress=not args.no_progress)
     except NonFiniteLossError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _fail(f"error: {e}", 1)
     except (DataError, CheckpointMismatchError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2)
+    except Exception:
+        if jax.process_count() == 1:
+            raise
+        return _fail(traceback.format_exc(), 1)
+    if jax.process_index() > 0:  # process 0 reports for the run
+        return 0
     if result.val_loss is not None:
         print(f"step {result.step}: val loss {result.val_loss:.4f} after "
               f"{result.elapsed_s / 60:.1f} min ({result.stopped}); run folder {result.out}")

@@ -146,6 +146,13 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+def platform_dtype(platform: str) -> str:
+    """The compute dtype `python -m train` picks when --dtype is not given: bfloat16 on an
+    accelerator ('gpu', 'tpu'), float32 on 'cpu' (exact, and what the presets were tuned in).
+    Resolved in the CLI, not in GPTConfig, so a config means the same numbers everywhere."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
 def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown train preset {name!r}: choose one of {', '.join(PRESETS)}")
