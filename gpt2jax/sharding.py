@@ -22,11 +22,14 @@ from jax.sharding import PartitionSpec as P
 
 DATA = "data"
 # Environment variables that mean "this process is one of several" to jax.distributed's
-# cluster auto-detection (explicit coordinator, SLURM, Open MPI, Cloud TPU pods).
+# cluster auto-detection (explicit coordinator, SLURM, Open MPI, TPU pods on GKE).
 _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
                       "TPU_WORKER_HOSTNAMES")
+# GPT2JAX_DISTRIBUTED=1: initialize anyway, for clusters JAX finds without environment
+# variables (a TPU pod's VMs announce themselves through their metadata server).
+DISTRIBUTED_ENV = "GPT2JAX_DISTRIBUTED"
 # How `python -m train.launch` numbers its processes (beside JAX's own JAX_COORDINATOR_ADDRESS);
-# SLURM, Open MPI and TPU pods are recognized by jax.distributed itself.
+# the clusters above are numbered by jax.distributed itself.
 NUM_PROCESSES_ENV = "GPT2JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "GPT2JAX_PROCESS_ID"
 # A process that misses heartbeats this long is declared dead and JAX terminates the others
@@ -35,6 +38,8 @@ HEARTBEAT_TIMEOUT_S = 30
 
 
 def launched_multi_process() -> bool:
+    if os.environ.get(DISTRIBUTED_ENV) == "1":
+        return True
     for name in _MULTI_PROCESS_ENV:
         value = os.environ.get(name, "")
         if name == "JAX_COORDINATOR_ADDRESS" and value:
