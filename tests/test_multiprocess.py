@@ -28,8 +28,11 @@ from train.launch import launch, process_env
 from train.launch import main as launch_main
 
 # 2 x 2 devices and 1 x 4 sum the same gradients in another order (gloo across processes):
-# losses agree to 1e-5 (as the issue asks) and params after a resume to PARAM_ATOL.
-PARAM_ATOL = 1e-5
+# losses agree to 1e-5 as the issue asks (measured 9.5e-7) and params to PARAM_ATOL. The largest
+# param gap is the key third of c_attn's bias, whose gradient is exactly 0 in exact arithmetic
+# (softmax ignores a constant added to every key): Adam scales its rounding noise (~1e-10) up
+# to steps of up to lr * noise / eps ~ 1e-4 (measured 5.8e-6); every other leaf is within 1.1e-6.
+PARAM_ATOL = 1e-4
 
 
 def _env(devices: int | None = None) -> dict:
