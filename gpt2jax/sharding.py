@@ -52,8 +52,8 @@ def launched_multi_process() -> bool:
 def initialize_distributed() -> None:
     """jax.distributed.initialize() when launched as several processes, else nothing.
 
-    Must run before anything touches a device; the cluster (coordinator, process id,
-    process count) is detected from the environment by JAX itself."""
+    Must run before anything touches a device. The cluster (coordinator, process id, process
+    count) comes from `train.launch`'s variables above, or JAX detects it by itself."""
     if launched_multi_process() and not jax.distributed.is_initialized():
         count, index = os.environ.get(NUM_PROCESSES_ENV), os.environ.get(PROCESS_ID_ENV)
         jax.distributed.initialize(
