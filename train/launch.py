@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -38,7 +37,8 @@ def free_port() -> int:
 
 def process_env(env: dict, index: int, processes: int, devices: int, port: int) -> dict:
     """`env` plus what makes a process number `index` of the job (see gpt2jax.sharding)."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", env.get("XLA_FLAGS", ""))
+    count = "--xla_force_host_platform_device_count="
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(count)]
     return {
         **env,
         "JAX_COORDINATOR_ADDRESS": f"localhost:{port}",
@@ -46,7 +46,7 @@ def process_env(env: dict, index: int, processes: int, devices: int, port: int) 
         PROCESS_ID_ENV: str(index),
         "JAX_PLATFORMS": "cpu",
         "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-        "XLA_FLAGS": f"{flags.strip()} --xla_force_host_platform_device_count={devices}".strip(),
+        "XLA_FLAGS": " ".join([*flags, f"{count}{devices}"]),
     }
 
 
