@@ -13,7 +13,12 @@ and, in meta["lora"], the LoRAConfig and a reference to the frozen base: where i
 
 Orbax writes each step into a temporary folder and renames it when complete, so a crash
 mid-save leaves no step folder that looks finished. A step folder that is damaged anyway
-(disk trouble, a copy cut short) is skipped with a warning and the previous one is used.
+(disk trouble, a copy cut short) is skipped with a warning and the previous one is used
+(in a multi-process run it is an error instead: no process can know what the others read).
+
+Several processes save and restore together (orbax's multi-process support, on a folder they
+all see): each writes and reads only the shards its devices hold, and what one process count
+wrote another restores, since the arrays are stored whole and resharded on the way in.
 Restores are checked leaf by leaf against the tree the caller expects, because orbax can
 fill a partial or differently shaped target without complaint.
 """
@@ -255,6 +260,12 @@ class Checkpointer:
             except CheckpointMismatchError:
                 raise
             except Exception as e:  # damaged files surface as many error types
+                if jax.process_count() > 1:  # each process reads its own shards: a fallback
+                    raise FileNotFoundError(  # would need them all to agree, so none is taken
+                        f"checkpoint {self.directory}/{step} is unreadable in process "
+                        f"{jax.process_index()} ({type(e).__name__}: {str(e)[:200]}): move it "
+                        f"aside and resume again"
+                    ) from e
                 nxt = f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else "none left"
                 warnings.warn(
                     f"checkpoint {self.directory}/{step} is unreadable "
@@ -361,7 +372,8 @@ def load_base(reference: dict, config: GPTConfig) -> dict:
     """The frozen base a LoRA checkpoint refers to ({'source', 'sha256'}), checked to be the
     very model the adapters were trained on."""
     base_config, params = load_model(reference["source"], block_size=config.block_size)
-    same_fields = {"dropout": config.dropout, "dtype": config.dtype}  # run-time choices
+    same_fields = {"dropout": config.dropout, "dtype": config.dtype,  # run-time choices
+                   "attention_impl": config.attention_impl}
     if base_config.replace(**same_fields) != config:
         raise CheckpointMismatchError(
             f"the base at {reference['source']} is not the model these adapters were trained "

@@ -14,6 +14,10 @@ POS_EMBEDDINGS = ("learned", "sinusoidal", "rope")
 NORM_PLACEMENTS = ("pre", "post", "deepnorm")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
+# masked: the einsum + masked softmax of kvcache.masked_attention (CPU-tuned, dropout-capable);
+# dot_product_attention: jax.nn.dot_product_attention (cuDNN's fused kernel on a GPU in
+# bfloat16/float16, XLA's elsewhere); auto: the latter where cuDNN's kernel applies, else masked.
+ATTENTION_IMPLS = ("auto", "masked", "dot_product_attention")
 
 # name -> (n_layer, n_head, n_embd); all GPT-2 sizes have 64-dim heads.
 _GPT2_SHAPES = {
@@ -47,6 +51,7 @@ class GPTConfig:
     dtype: str = "float32"  # compute dtype of matmuls
     param_dtype: str = "float32"
     init_std: float = 0.02
+    attention_impl: str = "auto"  # auto | masked | dot_product_attention (ATTENTION_IMPLS)
 
     def __post_init__(self):
         self.validate()
@@ -75,6 +80,7 @@ class GPTConfig:
             "norm": NORMS,
             "dtype": DTYPES,
             "param_dtype": DTYPES,
+            "attention_impl": ATTENTION_IMPLS,
         }
         for field, allowed in choices.items():
             if getattr(self, field) not in allowed:
@@ -87,6 +93,12 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             bad("dropout", "must be in [0, 1)")
+        if self.attention_impl == "dot_product_attention" and self.dropout > 0:
+            raise ValueError(
+                f"GPTConfig.attention_impl='dot_product_attention' cannot drop attention "
+                f"probabilities, but dropout={self.dropout}: set dropout=0, or attention_impl="
+                f"'auto' (masked attention while dropout is active) or 'masked'"
+            )
         if not self.layer_norm_epsilon > 0:
             bad("layer_norm_epsilon", "must be > 0")
         if not self.rope_base > 1:

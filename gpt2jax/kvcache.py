@@ -70,6 +70,37 @@ def masked_attention(q_BTHD, k_NSD, v_NSD, mask_BTS, probs_dropout=None):
     return rows_to_heads(out_NTD, B).astype(q_BTHD.dtype)
 
 
+def _cudnn_applies(dtype, head_dim: int) -> bool:
+    """cuDNN's fused attention: CUDA, half-precision inputs, head dim a multiple of 8 <= 128."""
+    return (jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version
+            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128)
+
+
+def uses_dot_product_attention(config: GPTConfig, dropout_active: bool = False) -> bool:
+    """Whether attention goes through `dot_product_attention` (config.attention_impl): always
+    under 'dot_product_attention', never under 'masked', and under 'auto' where cuDNN's kernel
+    applies and no attention dropout is active (it has none)."""
+    if config.attention_impl == "auto":
+        return not dropout_active and _cudnn_applies(config.dtype, config.head_dim)
+    return config.attention_impl == "dot_product_attention"
+
+
+def dot_product_attention(q_BTHD, k_BSHD, v_BSHD, mask_BTS=None):
+    """`masked_attention`'s result through `jax.nn.dot_product_attention`, with keys/values in
+    [B, S, H, D]: cuDNN's fused kernel where it applies, XLA's otherwise (scores and softmax in
+    float32 either way). mask_BTS None means causal over the same T positions, which cuDNN
+    runs without materializing a mask; a mask (a cache's) reaches cuDNN as an additive bias."""
+    dtype = jnp.promote_types(q_BTHD.dtype, k_BSHD.dtype)  # a cache may hold another dtype
+    out_BTHD = jax.nn.dot_product_attention(
+        q_BTHD.astype(dtype), k_BSHD.astype(dtype), v_BSHD.astype(dtype),
+        mask=None if mask_BTS is None else mask_BTS[:, None],
+        is_causal=mask_BTS is None,
+        implementation="cudnn" if _cudnn_applies(dtype, q_BTHD.shape[-1]) else "xla",
+    )
+    return out_BTHD.astype(q_BTHD.dtype)
+
+
 def causal_mask(q_positions_BT, num_keys: int):
     """mask[b, t, s] = key position s <= query position (the buffer index is the position)."""
     return jnp.arange(num_keys)[None, None, :] <= q_positions_BT[:, :, None]
@@ -114,6 +145,7 @@ class KVCache:
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     lengths: jax.Array
+    dot_product: bool = struct.field(pytree_node=False, default=False)  # see attend
 
     @property
     def max_len(self) -> int:
@@ -131,6 +163,10 @@ class KVCache:
 
     def attend(self, layer: int, q_BTHD, q_positions_BT):
         mask_BTS = causal_mask(q_positions_BT, self.max_len)
+        if self.dot_product:  # it takes [B, S, H, D] only: the rows are copied to that
+            B = q_BTHD.shape[0]
+            return dot_product_attention(q_BTHD, rows_to_heads(self.k[layer], B),
+                                         rows_to_heads(self.v[layer], B), mask_BTS)
         return masked_attention(q_BTHD, self.k[layer], self.v[layer], mask_BTS)
 
     def advance(self, num_tokens: int) -> KVCache:
@@ -153,7 +189,8 @@ def init_cache(config: GPTConfig, batch: int, max_len: int, dtype=jnp.float32) -
     shape = (batch * config.n_head, max_len, config.head_dim)
     # distinct buffers, not one shared: a caller may donate the cache to a jitted step
     layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
-    return KVCache(k=layers(), v=layers(), lengths=jnp.zeros((batch,), jnp.int32))
+    return KVCache(k=layers(), v=layers(), lengths=jnp.zeros((batch,), jnp.int32),
+                   dot_product=uses_dot_product_attention(config))
 
 
 # ---------------------------------------------------------------------------- TurboQuant

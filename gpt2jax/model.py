@@ -25,7 +25,13 @@ import numpy as np
 from gpt2jax import lora as lora_lib
 from gpt2jax import positions as pos_lib
 from gpt2jax.config import GPTConfig
-from gpt2jax.kvcache import causal_mask, heads_to_rows, masked_attention
+from gpt2jax.kvcache import (
+    causal_mask,
+    dot_product_attention,
+    heads_to_rows,
+    masked_attention,
+    uses_dot_product_attention,
+)
 from gpt2jax.quant import int8
 
 
@@ -128,10 +134,11 @@ class Attention(nn.Module):
             q_BTHD = pos_lib.apply_rope(q_BTHD, positions_BT, c.rope_base)
             k_BTHD = pos_lib.apply_rope(k_BTHD, positions_BT, c.rope_base)
 
-        if cache is None:
-            dropout = None
-            if not self.deterministic and c.dropout > 0:
-                dropout = nn.Dropout(c.dropout, deterministic=False)
+        dropout_active = not self.deterministic and c.dropout > 0
+        if cache is None and uses_dot_product_attention(c, dropout_active):
+            out_BTHD = dot_product_attention(q_BTHD, k_BTHD, v_BTHD)
+        elif cache is None:
+            dropout = nn.Dropout(c.dropout, deterministic=False) if dropout_active else None
             out_BTHD = masked_attention(
                 q_BTHD,
                 heads_to_rows(k_BTHD),

@@ -42,3 +42,13 @@ def test_dict_round_trip_and_unknown_fields():
     with pytest.raises(ValueError, match=r"unknown GPTConfig fields \['n_ctx'\]"):
         GPTConfig.from_dict({**config.to_dict(), "n_ctx": 5})
     hash(config)  # static argument of jit
+
+
+def test_train_recipe_line_names_its_choices():
+    from train import config as train_config
+
+    cfg = train_config.preset("shakespeare")
+    line = train_config.describe(cfg.replace(model=cfg.model.replace(tie_embeddings=False)))
+    assert "rope positions" in line and "untied head" in line
+    assert f"{cfg.batch_size} x {cfg.model.block_size} tokens per step" in line
+    assert f"{cfg.max_minutes:g}-minute budget" in line

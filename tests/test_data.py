@@ -159,3 +159,17 @@ def test_eval_subset_is_spread_over_the_whole_split():
     batches = list(data_lib.eval_batches(tokens, block_size=8, batch_size=4, max_batches=2))
     starts = np.concatenate([x[:, 0] for x, _, _ in batches])
     assert len(batches) == 2 and starts[0] == 0 and starts[-1] == 123 * 8  # first and last
+
+
+def test_a_process_reads_only_its_own_rows_of_each_global_batch():
+    tokens = np.arange(1000, dtype=np.uint16)
+    sampler = data_lib.BatchSampler(tokens, batch_size=4, block_size=16, seed=3)
+    x, y = sampler.batch(7, (2, 4))
+    mine = sampler.batch(7, (2, 4), rows=slice(2, 4))
+    np.testing.assert_array_equal(mine[0], x[:, 2:4])
+    np.testing.assert_array_equal(mine[1], y[:, 2:4])
+    whole = data_lib.eval_batches(tokens, block_size=8, batch_size=5)
+    part = data_lib.eval_batches(tokens, block_size=8, batch_size=5, rows=slice(3, 5))
+    for full_batch, my_batch in zip(whole, part, strict=True):  # padded last batch included
+        for a, b in zip(full_batch, my_batch, strict=True):
+            np.testing.assert_array_equal(b, a[3:5])

@@ -36,6 +36,20 @@ def tiny_config(data: Path, out: Path, **changes) -> TrainConfig:
     return base.replace(**changes)
 
 
+def cli_args(cfg: TrainConfig) -> list[str]:
+    """`python -m train` arguments that give `cfg` back (the CLI's own flag tables)."""
+    from train.__main__ import MODEL_FLAGS, TRAIN_FLAGS
+
+    args = ["--tied" if cfg.model.tie_embeddings else "--untied",
+            "--bias" if cfg.model.bias else "--no-bias", "--mesh", f"data={cfg.mesh_data}",
+            "--max-minutes", str(cfg.max_minutes or 0), "--no-progress"]
+    args += [a for flag, field, _, _ in MODEL_FLAGS
+             for a in (flag, str(getattr(cfg.model, field)))]
+    args += [a for flag, field, _ in TRAIN_FLAGS if field != "max_minutes"
+             and getattr(cfg, field) is not None for a in (flag, str(getattr(cfg, field)))]
+    return args + ["--fsdp"] * cfg.fsdp + ["--resume"] * cfg.resume
+
+
 def run_child(cfg: TrainConfig, hook: str = "None", extra_env: dict | None = None,
               script: str | None = None) -> subprocess.CompletedProcess:
     """train(cfg, on_step=<hook>) in a fresh Python process (or a custom `script` body)."""

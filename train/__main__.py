@@ -1,5 +1,9 @@
 """python -m train --preset shakespeare [flags]: parse arguments, call train.train().
 
+The compute dtype defaults to bfloat16 on a GPU or TPU and float32 on CPU (--dtype overrides).
+Several processes (a cluster, or `python -m train.launch` on one machine) run this same command;
+see the README's "Scale out".
+
 LoRA fine-tuning of a trained model on new text (the base may be an int8 checkpoint), or
 continuing a peft adapter:
 
@@ -12,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
-from gpt2jax import cli, lora
+import jax
+
+from gpt2jax import cli, lora, sharding
 from gpt2jax import config as model_config_lib
 from gpt2jax.config import GPTConfig
-from gpt2jax.sharding import parse_mesh
 from train import config as config_lib
 from train.trainer import NonFiniteLossError, train
 
@@ -35,6 +41,7 @@ MODEL_FLAGS = (
     ("--layer-norm-epsilon", "layer_norm_epsilon", float, None),
     ("--dtype", "dtype", str, model_config_lib.DTYPES),
     ("--param-dtype", "param_dtype", str, model_config_lib.DTYPES),
+    ("--attention", "attention_impl", str, model_config_lib.ATTENTION_IMPLS),
     ("--init-std", "init_std", float, None),
 )
 TRAIN_FLAGS = (
@@ -99,16 +106,19 @@ def build_parser() -> cli.ArgumentParser:
     return p
 
 
-def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
+def config_from_args(args: argparse.Namespace, platform: str = "cpu") -> config_lib.TrainConfig:
+    """The run `args` describe on `platform` (jax.default_backend()), which picks the compute
+    dtype when --dtype does not."""
     cfg = config_lib.preset(args.preset)
     model = GPTConfig.preset(args.model) if args.model else cfg.model
     model_changes = {field: getattr(args, field) for _, field, _, _ in MODEL_FLAGS}
-    model_changes.update(tie_embeddings=args.tie_embeddings, bias=args.bias)
+    model_changes.update(tie_embeddings=args.tie_embeddings, bias=args.bias,
+                         dtype=args.dtype or config_lib.platform_dtype(platform))
     model = model.replace(**{k: v for k, v in model_changes.items() if v is not None})
     changes = {field: getattr(args, field) for _, field, _ in TRAIN_FLAGS}
     changes.update(resume=args.resume, fsdp=args.fsdp, rslora=args.rslora,
                    lora_targets=tuple(args.lora_targets) if args.lora_targets else None,
-                   mesh_data=parse_mesh(args.mesh) if args.mesh else None)
+                   mesh_data=sharding.parse_mesh(args.mesh) if args.mesh else None)
     changes = {k: v for k, v in changes.items() if v is not None}
     if args.max_minutes == 0:  # no time budget
         changes["max_minutes"] = None
@@ -124,16 +134,36 @@ def config_from_args(args: argparse.Namespace) -> config_lib.TrainConfig:
     return cfg.replace(model=model, **changes)
 
 
+def _fail(message: str, code: int) -> int:
+    """Print `message`; one of several processes then leaves at once (see exit_at_once)."""
+    print(message, file=sys.stderr)
+    if jax.process_count() > 1:
+        sharding.exit_at_once(code)
+    return code
+
+
 def _train(args) -> int:
-    cfg = config_from_args(args)
+    sharding.initialize_distributed()  # before anything touches a device (the platform does)
+    cfg = config_from_args(args, jax.default_backend())
     if args.print_config:
         print(cfg.to_json())
         return 0
+    if jax.process_index() == 0:
+        print(config_lib.describe(cfg), flush=True)
     try:
         result = train(cfg, progress=not args.no_progress)
     except NonFiniteLossError as e:  # not a bad input: status 1
-        print(f"python -m train: error: {e}", file=sys.stderr)
-        return 1
+        return _fail(f"python -m train: error: {e}", 1)
+    except (ValueError, OSError) as e:  # bad input: one line (cli.run) from a lone process
+        if jax.process_count() == 1:
+            raise
+        return _fail(f"python -m train: error: {e}", cli.USAGE_ERROR)
+    except Exception:
+        if jax.process_count() == 1:
+            raise
+        return _fail(traceback.format_exc(), 1)
+    if jax.process_index() > 0:  # process 0 reports for the run
+        return 0
     if result.val_loss is not None:
         print(f"step {result.step}: val loss {result.val_loss:.4f} after "
               f"{result.elapsed_s / 60:.1f} min ({result.stopped}); run folder {result.out}")

@@ -155,6 +155,25 @@ PRESETS: dict[str, TrainConfig] = {
 }
 
 
+def platform_dtype(platform: str) -> str:
+    """The compute dtype `python -m train` picks when --dtype is not given: bfloat16 on an
+    accelerator ('gpu', 'tpu'), float32 on 'cpu' (exact, and what the presets were tuned in).
+    Resolved in the CLI, not in GPTConfig, so a config means the same numbers everywhere."""
+    return "float32" if platform == "cpu" else "bfloat16"
+
+
+def describe(cfg: TrainConfig) -> str:
+    """One line naming the run's recipe choices; every run prints it first."""
+    m = cfg.model
+    budget = (f"{cfg.max_minutes:g}-minute budget" if cfg.max_minutes
+              else f"{cfg.max_steps} steps")
+    return (f"recipe: {m.n_layer} layers x {m.n_embd} dims, {m.n_head} heads, "
+            f"{m.pos_embedding} positions, {m.norm_placement}-{m.norm}, "
+            f"{'tied' if m.tie_embeddings else 'untied'} head, dropout {m.dropout:g}, {m.dtype}; "
+            f"{cfg.batch_size * cfg.grad_accum} x {m.block_size} tokens per step, AdamW lr "
+            f"{cfg.lr:g} -> {cfg.min_lr:g} (warmup {cfg.warmup_steps}), {budget}")
+
+
 def preset(name: str) -> TrainConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown train preset {name!r}: choose one of {', '.join(PRESETS)}")

@@ -289,22 +289,26 @@ class BatchSampler:
     def state(self, step: int) -> dict:
         return {"seed": self.seed, "step": step}
 
-    def batch(self, step: int, shape: tuple[int, ...] | None = None):
-        """(inputs, targets) int32 [*shape, block_size]; shape defaults to (batch_size,)."""
+    def batch(self, step: int, shape: tuple[int, ...] | None = None, rows: slice = slice(None)):
+        """(inputs, targets) int32 [*shape, block_size]; shape defaults to (batch_size,).
+
+        `rows` picks a block of the last axis of shape (one process's share of the global
+        batch): only those windows are read, the same ones a single process would read there."""
         shape = shape or (self.batch_size,)
         rng = np.random.default_rng((self.seed, step))
-        starts = rng.integers(0, len(self.tokens) - self.block_size, size=shape)
+        starts = rng.integers(0, len(self.tokens) - self.block_size, size=shape)[..., rows]
         window = self.tokens[starts[..., None] + np.arange(self.block_size + 1)].astype(np.int32)
         return window[..., :-1], window[..., 1:]
 
 
-def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_batches=None):
+def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_batches=None,
+                 rows: slice = slice(None)):
     """Non-overlapping windows of `tokens` as (inputs, targets, weights) batches
     [batch_size, block_size]. All windows by default, each once (the last batch is padded
     with weight-0 rows, so the weighted mean is the loss over every window); with
     `max_batches`, that many batches of windows spread evenly over the whole split, since
     its start alone is not representative (Shakespeare's val split: the first 64 windows
-    scored 0.27 nats below all 264)."""
+    scored 0.27 nats below all 264). `rows`: read and yield only that block of every batch."""
     n_windows = (len(tokens) - 1) // block_size
     if n_windows < 1:
         raise DataError(
@@ -314,9 +318,9 @@ def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, max_batch
     if max_batches and max_batches * batch_size < n_windows:
         windows = np.linspace(0, n_windows - 1, max_batches * batch_size).round().astype(int)
     for b in range(0, len(windows), batch_size):
-        rows = windows[b : b + batch_size]
+        ids = windows[b : b + batch_size]
         weights = np.zeros(batch_size, np.float32)
-        weights[: len(rows)] = 1.0
-        rows = np.pad(rows, (0, batch_size - len(rows)), mode="edge")
-        window = tokens[rows[:, None] * block_size + np.arange(block_size + 1)].astype(np.int32)
-        yield window[:, :-1], window[:, 1:], weights
+        weights[: len(ids)] = 1.0
+        ids = np.pad(ids, (0, batch_size - len(ids)), mode="edge")[rows]
+        window = tokens[ids[:, None] * block_size + np.arange(block_size + 1)].astype(np.int32)
+        yield window[:, :-1], window[:, 1:], weights[rows]

@@ -1,5 +1,10 @@
 """The training loop: `train(TrainConfig) -> TrainResult`, importable by eval programs.
 
+Multi-process (`python -m train.launch`, srun, a TPU pod): every process runs this same loop
+over one global mesh, reads only its own rows of each batch, and takes part in every
+collective (steps, evals, checkpoint saves); metrics, the progress bar, the sample and the
+files below come from process 0 alone.
+
 Per run folder (`cfg.out`):
 
     data/            the prepared token files (when cfg.data was text, not a prepared folder)
@@ -63,23 +68,29 @@ class TrainResult:
 
 
 def resolve_data(cfg: TrainConfig) -> Path:
-    """A prepared dataset folder: cfg.data itself, or cfg.data prepared into out/data."""
+    """A prepared dataset folder: cfg.data itself, or cfg.data prepared into out/data (by
+    process 0, while the others wait)."""
     if data_lib.is_prepared(cfg.data):
         return Path(cfg.data)
     target = Path(cfg.out) / "data"
-    data_lib.prepare(cfg.data, target, block_size=cfg.model.block_size)
+    if jax.process_index() == 0:
+        data_lib.prepare(cfg.data, target, block_size=cfg.model.block_size)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("train data prepared")
     return target
 
 
 def initial_params(cfg: TrainConfig) -> tuple[GPTConfig, dict]:
     """(model config, params) fresh from cfg.model, or from --init-from.
 
-    With --init-from the architecture is the source's; only dropout, the compute dtype and
-    a smaller block_size (learned positions cropped, as nanoGPT does) come from cfg.model."""
+    With --init-from the architecture is the source's; only dropout, the compute dtype, the
+    attention implementation and a smaller block_size (learned positions cropped, as nanoGPT
+    does) come from cfg.model."""
     if cfg.init_from is None:
         return cfg.model, init_params(cfg.model, jax.random.PRNGKey(cfg.seed))
     config, params = ckpt_lib.load_model(cfg.init_from, block_size=cfg.model.block_size)
-    config = config.replace(dropout=cfg.model.dropout, dtype=cfg.model.dtype)
+    config = config.replace(dropout=cfg.model.dropout, dtype=cfg.model.dtype,
+                            attention_impl=cfg.model.attention_impl)
     return config, jax.tree.map(jnp.asarray, params)
 
 
@@ -120,6 +131,15 @@ def _truncate_metrics(path: Path, step: int) -> list[float]:
     return [r["loss"] for r in kept if "loss" in r]
 
 
+def _agree(signal: str | None, fraction: float) -> tuple[bool, float]:
+    """(some process was signalled, process 0's time fraction): all processes must stop at
+    the same step and use the same learning rate, whatever their own clocks say."""
+    if jax.process_count() == 1:
+        return signal is not None, fraction
+    votes = multihost_utils.process_allgather(np.array([signal is not None, fraction]))
+    return bool(votes[:, 0].any()), float(votes[0, 1])
+
+
 class _StopFlag:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, saves and returns."""
 
@@ -150,11 +170,12 @@ def evaluate(eval_fn, params, tokens, cfg: TrainConfig, batch_sharding, max_batc
     `frozen` is (base,) under LoRA adapters, () otherwise."""
     total, weight = 0.0, 0.0
     w_sharding = sharding.batch_sharding(batch_sharding.mesh, 1)
-    for x, y, w in data_lib.eval_batches(tokens, cfg.model.block_size, cfg.batch_size,
-                                         max_batches):
-        s, n = eval_fn(params, sharding.put_global(x, batch_sharding),
-                       sharding.put_global(y, batch_sharding), sharding.put_global(w, w_sharding),
-                       *frozen)
+    B, T = cfg.batch_size, cfg.model.block_size
+    put = jax.make_array_from_process_local_data
+    rows = sharding.process_rows(batch_sharding, (B, T))
+    for x, y, w in data_lib.eval_batches(tokens, T, B, max_batches, rows):
+        s, n = eval_fn(params, put(batch_sharding, x, (B, T)), put(batch_sharding, y, (B, T)),
+                       put(w_sharding, w, (B,)), *frozen)
         total, weight = total + float(s), weight + float(n)
     return total / weight
 
@@ -279,6 +300,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     step = int(state["step"])
 
     x_sh = sharding.batch_sharding(mesh, 3, batch_axis=1)  # [K, B, T]
+    x_rows = sharding.process_rows(x_sh, (K, B, T))
     b_sh = sharding.batch_sharding(mesh, 2)  # [B, T]
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     train_step = jax.jit(
@@ -335,21 +357,28 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     stopped = "max_steps"
     tok_s = mfu = 0.0
     postfix = {}
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train", disable=not progress,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.max_steps, initial=step, desc="train",
+               disable=not (progress and main_process), dynamic_ncols=True)
+    say = bar.write if main_process else lambda _: None
     with _StopFlag() as stop:
         window_t, window_steps = None, 0  # throughput window; the first step compiles
         while step < cfg.max_steps:
             if step == cfg.warmup_steps and clock["warmup_end_s"] is None:
                 clock["warmup_end_s"] = elapsed()
-            fraction = time_fraction()
+            signalled, fraction = _agree(stop.signal, time_fraction())
+            if signalled:
+                stopped = "signal"
+                say(f"{stop.signal or 'a signal to another process'}: saving step {step} and "
+                    f"exiting")
+                break
             if fraction >= 1.0:
                 stopped = "time"
                 break
             lr = schedule(step, fraction)
-            x, y = sampler.batch(step, (K, B))
-            state, m = train_step(state, sharding.put_global(x, x_sh),
-                                  sharding.put_global(y, x_sh), np.float32(lr), *frozen)
+            x, y = sampler.batch(step, (K, B), x_rows)
+            state, m = train_step(state, jax.make_array_from_process_local_data(x_sh, x, (K, B, T)),
+                                  jax.make_array_from_process_local_data(x_sh, y, (K, B, T)),
+                                  np.float32(lr), *frozen)
             loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 last = checkpoints.steps()
@@ -390,20 +419,16 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
             if step % cfg.eval_every == 0 and step < cfg.max_steps:
                 val, ending["eval_s"] = run_eval(cfg.eval_batches or None)
                 postfix["val"] = f"{val:.3f}"
-                bar.write(f"step {step}: val loss {val:.4f} ({elapsed() / 60:.1f} min)")
+                say(f"step {step}: val loss {val:.4f} ({elapsed() / 60:.1f} min)")
                 paused = True
             if step % cfg.ckpt_every == 0:
                 ending["save_s"] = save()
                 paused = True
             if paused:  # evals and saves are not training throughput
                 window_t, window_steps = time.perf_counter(), 0
-            if stop.signal:
-                stopped = "signal"
-                bar.write(f"{stop.signal}: saving step {step} and exiting")
-                break
     bar.close()
     if stopped == "time":
-        print(f"time budget of {cfg.max_minutes} min: training ended at step {step}")
+        say(f"time budget of {cfg.max_minutes} min: training ended at step {step}")
 
     val_loss = sample = None
     if stopped != "signal":
@@ -411,14 +436,15 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     save()
     checkpoints.close()
     if stopped != "signal" and cfg.sample_tokens > 0:
-        # Every process gathers the (possibly FSDP-sharded) params and samples the same text.
+        # Gathering the (possibly FSDP-sharded) params takes every process; sampling, one.
         params = multihost_utils.process_allgather(state["params"], tiled=True)
         if lora_config is not None:  # sample from the merged model, as `sample --ckpt` does
             base = multihost_utils.process_allgather(frozen[0], tiled=True)
             params = lora_lib.merge(base, lora_lib.Adapters(params, lora_config, model_config),
                                     requantize=True)
-        prompt = sample_prompt(train_tokens, min(16, model_config.block_size // 2))
-        sample = sample_text(params, model_config, cfg, prompt)
+        if main_process:
+            prompt = sample_prompt(train_tokens, min(16, model_config.block_size // 2))
+            sample = sample_text(params, model_config, cfg, prompt)
     result = TrainResult(
         config=cfg, step=step, stopped=stopped, losses=losses, val_loss=val_loss,
         wall_s=time.perf_counter() - t_start, elapsed_s=elapsed(), tokens_per_s=tok_s, mfu=mfu,
