@@ -148,8 +148,6 @@ def _train(args) -> int:
     if args.print_config:
         print(cfg.to_json())
         return 0
-    if jax.process_index() == 0:
-        print(config_lib.describe(cfg), flush=True)
     try:
         result = train(cfg, progress=not args.no_progress)
     except NonFiniteLossError as e:  # not a bad input: status 1

@@ -42,7 +42,7 @@ from gpt2jax.quant import int8
 from train import data as data_lib
 from train import optim, perf
 from train import step as step_lib
-from train.config import TrainConfig
+from train.config import TrainConfig, describe
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -360,6 +360,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     bar = tqdm(total=cfg.max_steps, initial=step, desc="train",
                disable=not (progress and main_process), dynamic_ncols=True)
     say = bar.write if main_process else lambda _: None
+    if progress:
+        say(describe(cfg))
     with _StopFlag() as stop:
         window_t, window_steps = None, 0  # throughput window; the first step compiles
         while step < cfg.max_steps:
