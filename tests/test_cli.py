@@ -1,5 +1,5 @@
 """Every command line fails the same way (one line, status 2, no traceback), keeps library
-logs quiet unless --verbose, and `sample --stream` prints what `sample` prints."""
+logs quiet unless --verbose, and `sample --stream` prints the stream's text."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 from conftest import REPO
 from trainutil import TINY_MODEL
 
-from gpt2jax import checkpoint, sample
+from gpt2jax import checkpoint, sample, tokenizer
+from gpt2jax.generate import generate_stream
 from gpt2jax.model import init_params
 from train.__main__ import build_parser as train_parser
 from train.__main__ import main as train_main
@@ -50,17 +52,24 @@ def ckpt_dir(tmp_path_factory):
     return directory
 
 
-def test_sample_stream_prints_the_same_text_and_logs_stay_quiet(ckpt_dir, capsys, caplog):
+def test_sample_stream_prints_the_stream_and_logs_stay_quiet(ckpt_dir, capsys, caplog):
     argv = ["--ckpt", str(ckpt_dir), "--prompt", "Café 🦊", "--max-new-tokens", "9",
-            "--temperature", "0.8", "--seed", "3"]
+            "--temperature", "0.8", "--seed", "3", "--stream"]
     caplog.set_level(logging.WARNING)
     assert sample.main(argv) == 0
-    once = capsys.readouterr().out
+    printed = capsys.readouterr().out
     assert not [r for r in caplog.records if r.name == "absl"]  # orbax's "read only" notes
-    assert sample.main(argv + ["--stream", "--verbose"]) == 0
-    assert capsys.readouterr().out == once
+    assert sample.main(argv + ["--verbose"]) == 0
+    assert capsys.readouterr().out == printed
     assert [r for r in caplog.records if r.name == "absl"]  # --verbose lets them through
-    assert sample.main(argv + ["--stream", "--num-samples", "2"]) == 2
+    config, params = checkpoint.load(ckpt_dir)
+    prompt = tokenizer.encode("Café 🦊")
+    chunks = generate_stream(params, config, [prompt], max_new_tokens=9,
+                             key=jax.random.key(3), temperature=0.8, eos_id=tokenizer.EOT_ID)
+    tokens = np.concatenate(list(chunks), axis=1)[0].tolist()
+    assert printed == "Café 🦊" + tokenizer.decode(t for t in tokens
+                                                   if t != tokenizer.EOT_ID) + "\n"
+    assert sample.main(argv + ["--num-samples", "2"]) == 2
     assert "--stream prints one sample" in capsys.readouterr().err
     with pytest.raises(FileNotFoundError):  # --verbose: the traceback, not one line
         sample.main(["--ckpt", str(ckpt_dir / "missing"), "--prompt", "x", "--verbose"])

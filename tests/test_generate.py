@@ -165,37 +165,24 @@ def test_generate_is_importable_from_the_package():
     assert importlib.import_module("gpt2jax.generate").sample_logits is sample_logits
 
 
-def _stream(params, config, prompts, **kwargs):
-    """generate_stream's chunks; 19 tokens in chunks of 5 (the shapes every stream test
-    shares, so they compile once)."""
-    return list(generate_stream(params, config, prompts, max_new_tokens=19, chunk_size=5,
-                                **kwargs))
-
-
-@pytest.mark.parametrize("temperature", [0.0, 0.9])
-def test_stream_concatenates_to_generate(tiny, temperature):
+def test_stream_concatenates_to_generate_compiling_once_per_chunk_shape(tiny, apply_traces):
+    """Greedy, then sampled: the chunks join to generate's tokens for the same key. The first
+    stream traces the prefill, the 5-step scan at its first chunk only and the 3-step tail
+    once; the second (another temperature and key) traces nothing."""
     config, params = tiny
-    kwargs = dict(key=jax.random.key(4), temperature=temperature)
-    once = np.asarray(generate(params, config, PROMPTS, max_new_tokens=19, **kwargs))
-    chunks = _stream(params, config, PROMPTS, **kwargs)
-    assert [c.shape for c in chunks] == [(3, 1), (3, 5), (3, 5), (3, 5), (3, 3)]
-    np.testing.assert_array_equal(np.concatenate(chunks, axis=1), once)
-
-
-def test_stream_compiles_once_per_chunk_shape(apply_traces):
-    config, params = _model(vocab_size=91)  # a config no other test compiles for
-    counts = []
-    for _ in generate_stream(params, config, PROMPTS, max_new_tokens=1 + 4 * 3 + 2,
-                             key=jax.random.key(0), chunk_size=3):
-        counts.append(len(apply_traces))
-    # prefill, then the 3-step scan traced at its first chunk only, the 2-step tail once
-    assert counts[0] > 0 and counts[1] > counts[0]
-    assert counts[1:5] == [counts[1]] * 4 and counts[5] > counts[4], counts
-    for _ in generate_stream(params, config, [[7, 8], [1], [4, 5]],
-                             max_new_tokens=1 + 4 * 3 + 2, key=jax.random.key(1),
-                             temperature=0.5, chunk_size=3):
-        pass  # other keys, temperature and prompt lengths in the bucket: no new trace
-    assert len(apply_traces) == counts[-1]
+    for temperature, seed in ((0.0, 4), (0.9, 5)):
+        kwargs = dict(max_new_tokens=19, key=jax.random.key(seed), temperature=temperature)
+        before, chunks, counts = len(apply_traces), [], []
+        for chunk in generate_stream(params, config, PROMPTS, chunk_size=5, **kwargs):
+            chunks.append(chunk)
+            counts.append(len(apply_traces))
+        assert [c.shape for c in chunks] == [(3, 1), (3, 5), (3, 5), (3, 5), (3, 3)]
+        if temperature == 0.0:
+            assert before < counts[0] < counts[1] == counts[2] == counts[3] < counts[4], counts
+        else:
+            assert counts == [before] * 5, counts
+        np.testing.assert_array_equal(np.concatenate(chunks, axis=1),
+                                      generate(params, config, PROMPTS, **kwargs))
 
 
 def test_stream_ends_once_every_row_emitted_eos(tiny):
@@ -204,7 +191,9 @@ def test_stream_ends_once_every_row_emitted_eos(tiny):
     free = np.asarray(generate(params, config, PROMPTS, max_new_tokens=19, **kwargs))
     eos = int(free[0, 3])  # row 0 emits it fourth (a row alone decodes as in the batch)
     assert eos not in free[0, :3]
-    streamed = np.concatenate(_stream(params, config, PROMPTS[:1], eos_id=eos, **kwargs), 1)
+    streamed = np.concatenate(list(generate_stream(params, config, PROMPTS[:1], eos_id=eos,
+                                                   max_new_tokens=19, chunk_size=5, **kwargs)),
+                              axis=1)
     assert streamed.shape == (1, 6)  # the first token, then the chunk of 5 it ended in
     np.testing.assert_array_equal(streamed[0, :4], free[0, :4])
     assert (streamed[0, 3:] == eos).all()
