@@ -242,7 +242,10 @@ class Checkpointer:
     def _restore_params_item(self, step: int, expected_tree, what: str):
         """The 'params' item of `step` onto the default device, checked leaf by leaf against
         `expected_tree` (shapes) before and after reading."""
-        expected = _abstract_on(expected_tree, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+        # this process's first device: every process of a multi-process run reads the whole
+        # item (--init-from), and jax.devices()[0] belongs to process 0
+        device = jax.local_devices()[0]
+        expected = _abstract_on(expected_tree, jax.sharding.SingleDeviceSharding(device))
         where = f"checkpoint {self.directory}/{step} {what}"
         check_tree(self._manager.item_metadata(step)["params"].tree, expected, where)
         restored = self._manager.restore(

@@ -92,8 +92,11 @@ def launch(command: list[str], processes: int, devices_per_process: int = 1,
             _say(f"process {i} pid {children[-1].pid}")
         while True:
             codes = [child.poll() for child in children]
-            failed = next((i for i, code in enumerate(codes) if code not in (None, 0)), None)
-            if failed is not None:
+            # Peers of a dead process often fail within the same poll (gloo: "connection
+            # reset by peer"): one killed by a signal is the likelier cause, so it comes first.
+            failed = sorted((i for i, code in enumerate(codes) if code not in (None, 0)),
+                            key=lambda i: codes[i] > 0)
+            if failed:
                 return _stop_after_failure(children, failed, logs)
             if all(code == 0 for code in codes):
                 return 0
@@ -109,20 +112,23 @@ def launch(command: list[str], processes: int, devices_per_process: int = 1,
             f.close()
 
 
-def _stop_after_failure(children, failed: int, logs: Path) -> int:
-    code = children[failed].returncode
+def _stop_after_failure(children, failed: list[int], logs: Path) -> int:
+    """Kill the survivors, show the failed processes' last lines, name them; the first
+    one's status."""
     survivors = [child for child in children if child.poll() is None]
     for child in survivors:  # a collective with a dead peer never completes: no grace period
         child.kill()
     for child in survivors:
         child.wait()
-    if failed:
-        lines = (logs / f"process-{failed}.log").read_text(errors="replace").splitlines()
-        for line in lines[-_TAIL_LINES:]:
-            print(f"[process {failed}] {line}", file=sys.stderr)
-    _say(f"process {failed} (pid {children[failed].pid}) {_how(code)}; killed the "
-         f"{len(survivors)} still running" + (f"; its log: {logs}/process-{failed}.log"
-                                              if failed else ""))
+    for i in failed[1:] + failed[:1]:  # the first-named failure's lines last, nearest its name
+        if i:
+            lines = (logs / f"process-{i}.log").read_text(errors="replace").splitlines()
+            for line in lines[-_TAIL_LINES:]:
+                print(f"[process {i}] {line}", file=sys.stderr)
+    named = "; ".join(f"process {i} (pid {children[i].pid}) {_how(children[i].returncode)}"
+                      for i in failed)
+    _say(f"{named}; killed the {len(survivors)} still running (logs of processes 1.. in {logs})")
+    code = children[failed[0]].returncode
     return code if code > 0 else 128 - code
 
 
