@@ -1,4 +1,6 @@
 """Text generation: one jitted function, a batched prefill then `lax.scan` over decode steps.
+`generate_stream` runs the same prefill and decode scan as separate jitted calls, one
+`lax.scan` of `chunk_size` steps per chunk, and yields the tokens as they come.
 
 Shapes are bucketed so that few programs are compiled: prompts are right-padded to a power
 of two (at least 16), and the cache (or the no-cache token buffer) holds that bucket plus
