@@ -170,7 +170,9 @@ def test_one_process_checkpoint_resumes_in_two(reference, tmp_path):
 
 def test_killing_one_process_stops_the_job_and_keeps_the_newest_checkpoint(reference,
                                                                             tmp_path):
-    cfg = reference.replace(out=str(tmp_path / "run"), max_steps=100_000, ckpt_every=2)
+    # a LoRA fine-tune of the 1-process model: every process places the frozen base itself
+    cfg = reference.replace(out=str(tmp_path / "run"), max_steps=100_000, ckpt_every=2,
+                            init_from=f"ckpt:{reference.out}", lora_rank=4)
     log = tmp_path / "launcher.log"
     with open(log, "w") as f:
         child = _launch_cli(cfg, tmp_path, stdout=f, stderr=subprocess.STDOUT)

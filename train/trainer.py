@@ -27,7 +27,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -91,7 +90,9 @@ def initial_params(cfg: TrainConfig) -> tuple[GPTConfig, dict]:
     config, params = ckpt_lib.load_model(cfg.init_from, block_size=cfg.model.block_size)
     config = config.replace(dropout=cfg.model.dropout, dtype=cfg.model.dtype,
                             attention_impl=cfg.model.attention_impl)
-    return config, jax.tree.map(jnp.asarray, params)
+    # host arrays: every process places its own shards of them (arrays committed to one
+    # device cannot be placed on a mesh that spans other processes' devices)
+    return config, jax.tree.map(np.asarray, params)
 
 
 def initial_adapters(cfg: TrainConfig, config: GPTConfig):
