@@ -219,7 +219,7 @@ def delta_norm(adapters: Adapters) -> float:
 
 def _add_to_kernel(kernel, cols: slice, delta, requantize: bool | None, where: str):
     """kernel[..., cols] + delta; an int8 kernel is dequantized first, then quantized again
-    (same granularity) or left float as `requantize` says."""
+    (same granularity and mode) or left float as `requantize` says."""
     width = len(range(*cols.indices(kernel.shape[-1])))
     if (*kernel.shape[:-1], width) != delta.shape:
         raise ValueError(
@@ -234,7 +234,7 @@ def _add_to_kernel(kernel, cols: slice, delta, requantize: bool | None, where: s
     merged = jnp.asarray(kernel.dequantize()).at[..., cols].add(delta)
     if not requantize:
         return merged
-    return int8.quantize_array(merged, granularity=int8.granularity_of(kernel))
+    return int8.requantize_like(kernel, merged)
 
 
 def _apply_deltas(params, adapters: Adapters, sign: float, requantize: bool | None):

@@ -64,6 +64,35 @@ def _scaled_normal(std: float, value_cols: slice | None = None, value_scale: flo
     return init
 
 
+def _param(module: nn.Module, name: str, init: Callable, shape: tuple, dtype):
+    """module.param, except that an int8 QTensor stored transposed (W8A8) is checked by its
+    logical shape: Flax's own check compares the first leaf, the [out, in] values."""
+    if module.has_variable("params", name):
+        value = module.get_variable("params", name)
+        if isinstance(value, int8.QTensor):
+            if tuple(value.shape[-len(shape):]) != tuple(shape):
+                raise ValueError(f"{'/'.join(module.path)}/{name} is int8 of shape "
+                                 f"{value.shape}; the model expects {shape}")
+            return value
+    return module.param(name, init, shape, dtype)
+
+
+class Embed(nn.Module):
+    """An embedding table [num, features]; the rows of a QTensor table are gathered as int8."""
+
+    num: int
+    features: int
+    config: GPTConfig
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding", nn.initializers.normal(self.config.init_std),
+            (self.num, self.features), _dtype(self.config.param_dtype))
+
+    def __call__(self, ids):
+        return int8.take(self.embedding, ids, self.config.dtype)
+
+
 class Linear(nn.Module):
     """y = x @ kernel (+ bias). Kernel (in, out) in param_dtype, matmul in the compute dtype."""
 
@@ -75,10 +104,13 @@ class Linear(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        kernel = self.param(
-            "kernel", self.kernel_init, (x.shape[-1], self.features), _dtype(c.param_dtype)
-        )
+        kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
+                        _dtype(c.param_dtype))
         y = int8.matmul(x, kernel, c.dtype)  # float or int8 (QTensor) kernel
+        if self.is_mutable_collection("calibration"):  # SmoothQuant (gpt2jax.quantize.calibrate)
+            absmax_D = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 1)))
+            self.sow("calibration", "input_absmax", absmax_D,
+                     init_fn=lambda: jnp.zeros((), jnp.float32), reduce_fn=jnp.maximum)
         y = lora_lib.add_adapter_outputs(self, x, y)  # no-op without a 'lora' collection
         if self.use_bias and c.bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), c.param_dtype)
@@ -209,17 +241,10 @@ class GPT(nn.Module):
             start = cache.lengths[:, None] if cache is not None else 0
             positions_BT = jnp.broadcast_to(start + jnp.arange(T, dtype=jnp.int32)[None], (B, T))
 
-        wte = nn.Embed(
-            c.vocab_size, c.n_embd, embedding_init=nn.initializers.normal(c.init_std),
-            param_dtype=_dtype(c.param_dtype), name="wte",
-        )
-        x = wte(tokens_BT).astype(c.dtype)
+        wte = Embed(c.vocab_size, c.n_embd, c, name="wte")
+        x = wte(tokens_BT)
         if c.pos_embedding == "learned":
-            wpe = nn.Embed(
-                c.block_size, c.n_embd, embedding_init=nn.initializers.normal(c.init_std),
-                param_dtype=_dtype(c.param_dtype), name="wpe",
-            )
-            x = x + wpe(positions_BT).astype(c.dtype)
+            x = x + Embed(c.block_size, c.n_embd, c, name="wpe")(positions_BT)
         elif c.pos_embedding == "sinusoidal":
             x = x * token_embedding_scale(c) + pos_lib.sinusoidal(positions_BT, c.n_embd).astype(
                 c.dtype)
@@ -247,7 +272,7 @@ class GPT(nn.Module):
         else:
             blocks = nn.scan(
                 Block,
-                variable_axes={"params": 0, "lora": 0},
+                variable_axes={"params": 0, "lora": 0, "calibration": 0},
                 split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast),
                 length=c.n_layer,
@@ -258,18 +283,23 @@ class GPT(nn.Module):
             x = jnp.take_along_axis(x, logits_at_BK[:, :, None], axis=1)
         if c.norm_placement == "pre":
             x = Norm(c, name="ln_f")(x)
-        if c.tie_embeddings:
-            head_VD = wte.embedding.astype(c.dtype)
-        else:
-            head_VD = self.param(
-                "lm_head", nn.initializers.normal(c.init_std), (c.n_embd, c.vocab_size),
-                _dtype(c.param_dtype),
-            ).astype(c.dtype).T  # the dot takes the transpose for free (dimension numbers)
         if cache is not None:
             cache = cache.advance(T)
+        if c.tie_embeddings:
+            head = wte.embedding
+        else:
+            head = _param(self, "lm_head", nn.initializers.normal(c.init_std),
+                          (c.n_embd, c.vocab_size), _dtype(c.param_dtype))
         if self.hidden_only:  # the fused head cross-entropy (gpt2jax.loss) does the rest
-            return (x, head_VD), cache
-        logits = jnp.einsum("BTD,VD->BTV", x, head_VD, preferred_element_type=jnp.float32)
+            head_VD = int8.as_float(head, c.dtype)
+            return (x, head_VD if c.tie_embeddings else head_VD.T), cache
+        if c.tie_embeddings:  # float or int8 wte
+            logits = int8.head_logits(x, head if isinstance(head, int8.QTensor)
+                                      else head.astype(c.dtype))
+        else:  # an untied head [D, V] is a kernel
+            logits = int8.matmul(x, head, jnp.float32) if isinstance(head, int8.QTensor) else \
+                jnp.einsum("BTD,DV->BTV", x, head.astype(c.dtype),
+                           preferred_element_type=jnp.float32)
         return logits.astype(jnp.float32), cache
 
 

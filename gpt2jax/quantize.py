@@ -1,23 +1,98 @@
 """`python -m gpt2jax.quantize --ckpt DIR --out DIR`: an int8 copy of a checkpoint.
 
     python -m gpt2jax.quantize --ckpt out/shakespeare --out out/shakespeare-int8 \\
+        [--mode weights|w8a8] [--embeddings] [--smooth ALPHA [--calibration FILE]] \\
         [--granularity channel|tensor] [--norms-too]
 
-The result loads wherever a checkpoint does (`gpt2jax.sample --ckpt`, `eval.perplexity`).
+`--mode w8a8` quantizes the activations too (int8 x int8 dots, faster decode); `--smooth`
+first migrates the LayerNorm outputs' outlier channels into the kernels (SmoothQuant),
+calibrated on the first `--calibration-tokens` tokens of `--calibration` (default: Tiny
+Shakespeare, found as training finds it). The result loads wherever a checkpoint does
+(`gpt2jax.sample --ckpt`, `eval.perplexity`, `eval.bench_decode --ckpt`).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
 
 from gpt2jax import checkpoint, cli
+from gpt2jax.config import GPTConfig
 from gpt2jax.quant import int8
+
+CALIBRATION_TOKENS = 512
+
+
+def calibrate(params, config: GPTConfig, tokens_BT) -> dict:
+    """Per-channel max |input| of `c_attn` and `c_fc` in every layer over `tokens_BT`:
+    {"c_attn": [L, D], "c_fc": [L, D]} (what `int8.smooth` needs)."""
+    if config.norm_placement != "pre":
+        raise ValueError(
+            f"SmoothQuant folds its factors into the norm before c_attn and c_fc, which only "
+            f"pre-LN has; norm_placement={config.norm_placement!r}: quantize without --smooth")
+    from gpt2jax.model import check_tokens
+
+    tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
+    check_tokens(tokens_BT, config)  # a token past the vocabulary would calibrate garbage
+    absmax = _calibrate(params, tokens_BT, config)
+    h = absmax["calibration"]["h"]
+    return {"c_attn": h["attn"]["c_attn"]["input_absmax"],
+            "c_fc": h["mlp"]["c_fc"]["input_absmax"]}
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _calibrate(params, tokens_BT, config):
+    from gpt2jax.model import GPT  # model imports quant; this module sits above both
+
+    return GPT(config).apply({"params": params}, tokens_BT, mutable=["calibration"])[1]
+
+
+def smoothquant(params, config: GPTConfig, tokens, alpha: float = 0.5):
+    """Float params with SmoothQuant's migration, calibrated on `tokens` (a 1-D id array cut
+    into block_size rows)."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha={alpha!r} must be in [0, 1] (SmoothQuant uses 0.5 for GPT-like "
+                         f"models; 0 moves nothing into the kernels)")
+    tokens = np.asarray(tokens)
+    rows = max(1, len(tokens) // config.block_size)
+    width = min(config.block_size, len(tokens))
+    return int8.smooth(params, calibrate(params, config, tokens[:rows * width].reshape(rows, width)),
+                       alpha)
+
+
+def calibration_tokens(path: str | None, n: int = CALIBRATION_TOKENS) -> np.ndarray:
+    """The first `n` GPT-2 tokens of a text file (default: Tiny Shakespeare's training text)."""
+    from gpt2jax import tokenizer
+
+    if path is None:
+        from train.data import shakespeare_path
+
+        path = shakespeare_path()
+    ids = tokenizer.encode(Path(path).read_text(encoding="utf-8")[: 16 * n])[:n]
+    if len(ids) < n:
+        raise ValueError(f"{path} holds {len(ids)} tokens; calibration wants {n}: pass a longer "
+                         f"--calibration file or a smaller --calibration-tokens")
+    return np.asarray(ids, np.int32)
 
 
 def build_parser() -> cli.ArgumentParser:
     p = cli.ArgumentParser("python -m gpt2jax.quantize", description=__doc__)
     p.add_argument("--ckpt", required=True, help="training checkpoint (or run) folder")
     p.add_argument("--out", required=True, help="folder for the quantized checkpoint")
+    p.add_argument("--mode", choices=int8.MODES, default="weights",
+                   help="weights: int8 kernels, float activations; w8a8: int8 activations too")
+    p.add_argument("--embeddings", action="store_true",
+                   help="quantize wte (the tied head) with one scale per row too")
+    p.add_argument("--smooth", type=float, metavar="ALPHA", default=None,
+                   help="SmoothQuant migration strength before quantizing (0.5 is the paper's)")
+    p.add_argument("--calibration", default=None,
+                   help="text for --smooth's calibration (default: Tiny Shakespeare)")
+    p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS)
     p.add_argument("--granularity", choices=int8.GRANULARITIES, default="channel")
     p.add_argument("--norms-too", action="store_true",
                    help="ablation: quantize the norm leaves as well")
@@ -26,11 +101,16 @@ def build_parser() -> cli.ArgumentParser:
 
 def _quantize(args) -> None:
     recorded = {"granularity": args.granularity, "skip": "norms_too" if args.norms_too
-                else "default"}
+                else "default", "mode": args.mode, "embeddings": args.embeddings,
+                "smooth_alpha": args.smooth}
     config, params = checkpoint.load(args.ckpt)
+    float_params = params
+    if args.smooth is not None:
+        tokens = calibration_tokens(args.calibration, args.calibration_tokens)
+        params = smoothquant(params, config, tokens, args.smooth)
     quantized = int8.quantize(params, **int8.options(recorded))
     checkpoint.save_params(args.out, config, quantized, extra={"int8": recorded})
-    before, after = int8.nbytes(params), int8.nbytes(quantized)
+    before, after = int8.nbytes(float_params), int8.nbytes(quantized)
     print(f"{args.ckpt} -> {args.out}: {before:,} -> {after:,} bytes ({before / after:.3f}x)")
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -111,6 +114,10 @@ def test_bad_input(small_params):
         int8.quantize(with_lora)
     with pytest.raises(ValueError, match="granularity='row'"):
         int8.quantize(small_params, granularity="row")
+    with pytest.raises(ValueError, match=r"mode='int4' is invalid: choose one of \('weights', 'w8a8'\)"):
+        int8.quantize(small_params, mode="int4")
+    with pytest.raises(ValueError, match="h/attn/c_attn/kernel is already quantized"):
+        int8.quantize(int8.quantize(small_params, mode="w8a8", embeddings=True), mode="w8a8")
 
 
 def test_quantize_cli_checkpoint_round_trip_and_generate(tmp_path, small_params, capsys):
@@ -149,3 +156,204 @@ def test_quantization_experiment_rows(small_params):
     saved = (rows["int8 per-channel (norms float)"]["bytes"]
              - rows["int8 per-channel + norms int8"]["bytes"])
     assert 0 < saved <= result["norm_bytes_saved_by_int8"]
+
+
+# ---------------------------------------------------------------------------- W8A8
+
+
+def _reference_w8a8(x_ND, q):
+    """The same quantized operands multiplied in float64: dequantized rows x dequantized W."""
+    xq, xs = int8.quantize_activations(jnp.asarray(x_ND))
+    x64 = np.asarray(xq, np.float64) * np.asarray(xs, np.float64)
+    w64 = np.asarray(q.values, np.float64) * np.asarray(q.scale, np.float64)  # [out, in]
+    return x64 @ w64.T
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5])
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_w8a8_dot_equals_float_reference_of_the_quantized_operands(rows, granularity):
+    w = jax.random.normal(jax.random.key(0), (96, 160)) * 0.02
+    x = jax.random.normal(jax.random.key(1), (rows, 96)) * jnp.linspace(0.1, 8, 96)
+    q = int8.quantize_array(w, granularity=granularity, activations="int8")
+    assert q.transposed and q.values.shape == (160, 96) and q.shape == (96, 160)
+    y = np.asarray(jax.jit(int8.int8_dot)(x, q), np.float64)
+    ref = _reference_w8a8(x, q)
+    assert np.linalg.norm(y - ref) <= 1e-5 * np.linalg.norm(ref)
+    # and it is W8A8: the int8 products differ from float x times the same int8 kernel
+    assert not np.allclose(y, np.asarray(x) @ np.asarray(q.dequantize()), rtol=0, atol=1e-7)
+
+
+def test_w8a8_per_token_scale_of_an_all_zero_row():
+    q = int8.quantize_array(jax.random.normal(jax.random.key(0), (32, 48)), activations="int8")
+    x = jnp.zeros((3, 32)).at[1].set(jax.random.normal(jax.random.key(1), (32,)))
+    y = int8.int8_dot(x, q)
+    chex.assert_tree_all_finite(y)
+    assert np.all(np.asarray(y)[[0, 2]] == 0) and np.any(np.asarray(y)[1] != 0)
+
+
+def _outlier_model():
+    """SMALL with trained-looking norms: two LayerNorm channels ~40x the rest, as GPT-2's
+    LayerNorm outputs have (LLM.int8, arXiv:2208.07339 §3)."""
+    params = gpt2jax.init_params(SMALL, jax.random.key(3))
+    gamma = jnp.ones((SMALL.n_layer, SMALL.n_embd)).at[:, [7, 41]].set(40.0)
+    h = params["h"]
+    return {**params, "h": {**h, "ln_1": {**h["ln_1"], "scale": gamma},
+                            "ln_2": {**h["ln_2"], "scale": gamma}}}
+
+
+def test_smoothing_is_exact_in_float_and_helps_w8a8():
+    from gpt2jax.quantize import calibrate, smoothquant
+
+    params = _outlier_model()
+    tokens = jax.random.randint(jax.random.key(4), (2, 32), 0, SMALL.vocab_size)
+    absmax = calibrate(params, SMALL, tokens)
+    chex.assert_shape([absmax["c_attn"], absmax["c_fc"]], (SMALL.n_layer, SMALL.n_embd))
+    assert float(absmax["c_attn"][:, 7].min()) > 10 * float(jnp.median(absmax["c_attn"]))
+    smoothed = smoothquant(params, SMALL, np.asarray(tokens).ravel(), alpha=0.5)
+    ref, _ = gpt2jax.forward(params, tokens, SMALL)
+    out, _ = gpt2jax.forward(smoothed, tokens, SMALL)
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * float(jnp.abs(ref).max()))
+
+    def err(tree):
+        logits, _ = gpt2jax.forward(int8.quantize(tree, mode="w8a8"), tokens, SMALL)
+        return float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
+
+    assert err(smoothed) < 0.7 * err(params)  # measured 0.51: c_proj and the head stay as they were
+
+
+def test_smoothing_refuses_post_ln_and_bad_alpha():
+    from gpt2jax.quantize import calibrate, smoothquant
+
+    post = SMALL.replace(norm_placement="post")
+    with pytest.raises(ValueError, match="norm_placement='post'"):
+        calibrate(gpt2jax.init_params(post, jax.random.key(0)), post, jnp.zeros((1, 8), int))
+    with pytest.raises(ValueError, match="alpha=1.5 must be in"):
+        smoothquant(_outlier_model(), SMALL, np.zeros(64, int), alpha=1.5)
+
+
+@pytest.mark.parametrize("mode", ["weights", "w8a8"])
+def test_embeddings_int8_one_tensor_for_lookup_and_head(small_params, mode):
+    q = int8.quantize(small_params, mode=mode, embeddings=True)
+    wte = q["wte"]["embedding"]
+    assert _is_q(wte) and wte.values.dtype == jnp.int8
+    chex.assert_shape([wte.values, wte.scale], [(SMALL.vocab_size, SMALL.n_embd),
+                                                (SMALL.vocab_size, 1)])
+    assert "lm_head" not in q  # tied: the head multiplies through the same int8 tensor
+    tokens = jax.random.randint(jax.random.key(2), (2, 24), 0, SMALL.vocab_size)
+    ref, _ = gpt2jax.forward(small_params, tokens, SMALL)
+    out, _ = gpt2jax.forward(q, tokens, SMALL)
+    rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+    assert rel < 0.03, rel  # random init: ~0.4% per int8 tensor, compounding
+    # the lookup scales the int8 rows: a model whose only int8 tensor is wte gives the
+    # float model's logits with wte replaced by its dequantized self
+    only_wte = {**small_params, "wte": {"embedding": wte}}
+    deq = {**small_params, "wte": {"embedding": wte.dequantize()}}
+    np.testing.assert_allclose(*(gpt2jax.forward(t, tokens, SMALL)[0] for t in (only_wte, deq)),
+                               rtol=0, atol=2e-2 if mode == "w8a8" else 1e-5)
+
+
+def test_untied_head_quantized_as_a_kernel():
+    config = SMALL.replace(tie_embeddings=False)
+    params = gpt2jax.init_params(config, jax.random.key(0))
+    q = int8.quantize(params, mode="w8a8", embeddings=True)
+    assert _is_q(q["lm_head"]) and q["lm_head"].shape == (SMALL.n_embd, SMALL.vocab_size)
+    tokens = jnp.arange(20)[None]
+    ref, _ = gpt2jax.forward(params, tokens, config)
+    out, _ = gpt2jax.forward(q, tokens, config)
+    assert float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)) < 0.03
+
+
+def test_124m_bytes_with_embeddings_about_a_quarter():
+    config = GPTConfig.gpt2()
+    q = jax.eval_shape(lambda: int8.quantize(gpt2jax.init_params(config, jax.random.key(0)),
+                                             mode="w8a8", embeddings=True))
+    # kernels 84,934,656 int8 + 82,944 scales; wte 38,597,376 int8 + 50,257 row scales;
+    # wpe, biases, norms 907,776 float32
+    expected = 84_934_656 + 4 * 82_944 + 38_597_376 + 4 * 50_257 + 4 * 907_776
+    assert int8.nbytes(q) == expected == 127_695_940
+    assert expected <= 0.27 * 497_759_232
+
+
+def _int8_converts(hlo: str, shapes: set[tuple[int, ...]]) -> list[str]:
+    """The convert instructions of `hlo` that turn an s8 array of one of `shapes` into float."""
+    types = dict(re.findall(r"%([\w.-]+) = (\w+\[[\d,]*\])", hlo))
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(r"= ([bf]\w*\d+)\[([\d,]*)\]\S* convert\(%([\w.-]+)\)", line)
+        if not m or not types.get(m.group(3), "").startswith("s8["):
+            continue
+        dims = tuple(int(d) for d in types[m.group(3)][3:-1].split(",") if d)
+        if tuple(d for d in dims if d != 1) in shapes:
+            found.append(line.strip())
+    return found
+
+
+@pytest.mark.parametrize("mode", ["weights", "w8a8"])
+def test_decode_program_keeps_int8_kernels_int8(small_params, mode):
+    """The compiled generate (prefill + lax.scan decode) of a W8A8 model converts no int8
+    kernel to float, inside the loop or hoisted before it; weight-only int8 does (which
+    shows the check finds such a convert)."""
+    gen = importlib.import_module("gpt2jax.generate")  # gpt2jax.generate is also the function
+
+    q = int8.quantize(small_params, mode=mode, embeddings=True)
+    shapes = set()
+    for leaf in jax.tree_util.tree_leaves(q, is_leaf=_is_q):
+        if _is_q(leaf):
+            dims = leaf.values.shape
+            shapes |= {tuple(d for d in dims if d != 1), tuple(d for d in dims[-2:] if d != 1)}
+    tokens_BP, lengths_B, sampling, static, cache = gen._setup(
+        [[1, 2, 3]], SMALL, 8, 0.0, None, None, None, True, None)
+    hlo = gen._generate.lower(q, tokens_BP, lengths_B, jax.random.key(0), sampling,
+                              max_new_tokens=8, **static, **cache).compile().as_text()
+    converts = _int8_converts(hlo, shapes)
+    if mode == "w8a8":
+        assert converts == [], converts
+        int8_dots = re.findall(r"s32\[[\d,]*\]\S* dot\(", hlo)
+        assert len(int8_dots) == 2 * (4 * SMALL.n_layer + 1)  # prefill + decode step, head too
+    else:
+        assert converts
+
+
+def test_w8a8_checkpoint_round_trip_with_smoothing(tmp_path, small_params, capsys):
+    from gpt2jax import checkpoint, quantize
+    from gpt2jax.generate import generate
+
+    text = tmp_path / "calib.txt"
+    text.write_text("To be, or not to be, that is the question. " * 40)
+    checkpoint.save_params(tmp_path / "small", SMALL, small_params)
+    argv = ["--mode", "w8a8", "--smooth", "0.5", "--calibration", str(text)]
+    assert quantize.main(["--ckpt", str(tmp_path / "small"), "--out", str(tmp_path / "x"),
+                          *argv]) == 2
+    assert "out of range [0, 211)" in capsys.readouterr().err
+    # a GPT-2 vocabulary, the rest tiny
+    config = SMALL.replace(vocab_size=50257, n_layer=1, n_embd=32)
+    small_params = gpt2jax.init_params(config, jax.random.key(0))
+    checkpoint.save_params(tmp_path / "float", config, small_params)
+    assert quantize.main(["--ckpt", str(tmp_path / "float"), "--out", str(tmp_path / "w8a8"),
+                          "--mode", "w8a8", "--embeddings", "--smooth", "0.5",
+                          "--calibration", str(text), "--calibration-tokens", "64"]) == 0
+    loaded_config, loaded = checkpoint.load(tmp_path / "w8a8")
+    assert loaded_config == config
+    assert loaded["h"]["attn"]["c_attn"]["kernel"].activations == "int8"
+    calib = quantize.calibration_tokens(str(text), 64)
+    expected = int8.quantize(quantize.smoothquant(small_params, config, calib, 0.5),
+                             mode="w8a8", embeddings=True)
+    chex.assert_trees_all_equal(loaded, expected)
+    a = generate(loaded, config, [[1, 2, 3]], max_new_tokens=6, key=jax.random.key(0),
+                 temperature=0.0)
+    b = generate(loaded, config, [[1, 2, 3]], max_new_tokens=6, key=jax.random.key(0),
+                 temperature=0.0, use_cache=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_lora_merge_over_a_w8a8_base_stays_w8a8(small_params):
+    from gpt2jax import lora
+
+    q = int8.quantize(small_params, mode="w8a8")
+    adapters = lora.init(lora.LoRAConfig(rank=2, alpha=4.0), SMALL, jax.random.key(1))
+    adapters = adapters.replace(tree=jax.tree_util.tree_map(lambda a: a + 0.01, adapters.tree))
+    merged = lora.merge(q, adapters, requantize=True)
+    kernel = merged["h"]["attn"]["c_attn"]["kernel"]
+    assert kernel.activations == "int8" and kernel.transposed
+    exact = lora.merge(int8.dequantize(q), adapters)["h"]["attn"]["c_attn"]["kernel"]
+    assert float(jnp.max(jnp.abs(kernel.dequantize() - exact))) <= float(kernel.scale.max()) / 2 + 1e-6

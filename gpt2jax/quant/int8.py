@@ -1,13 +1,24 @@
-"""INT8 weight quantization as a parameter-tree transform (LLM.int8()'s absmax, weight-only).
+"""INT8 quantization as a parameter-tree transform (LLM.int8()'s absmax; SmoothQuant's migration).
 
 `quantize(params)` returns a tree of the same structure in which every eligible matmul kernel
 is a `QTensor` (int8 values + float32 scales); the same `forward` / `generate` run on it,
-because `Linear` multiplies through `matmul` and `Norm` reads through `as_float`.
+because `Linear` multiplies through `matmul`, the embedding reads through `take` and the
+tied head through `head_logits`.
+
+Two modes:
+- `mode="weights"` (default): int8 kernels, float activations. The int8 values are cast to
+  float before a float matmul: 4x smaller kernels, no faster (the cast is a float copy).
+- `mode="w8a8"`: `Linear` also quantizes its input per token (symmetric absmax int8, at run
+  time) and runs an int8 x int8 -> int32 dot, rescaled by token scale x column scale. Its
+  kernels are stored [out, in], the layout XLA:CPU's int8 dot reads fastest (BUILD_NOTES).
+  GPT-2's LayerNorm outputs carry a few large channels that a per-token scale spends its
+  range on; `smooth` (SmoothQuant, arXiv:2211.10438 §4) moves them into the kernels first.
 
 By default only the linear layers' kernels are quantized (`c_attn`, `attn.c_proj`, `c_fc`,
-`mlp.c_proj`): norm scales and biases, every bias, and the embeddings (`wte` is also the tied
-output head) stay float. `skip_embeddings_and_biases` quantizes the norm leaves too, the
-ablation that measures why they are skipped.
+`mlp.c_proj`): norm scales and biases, every bias, and the embeddings stay float.
+`embeddings=True` quantizes `wte` with one scale per row (a row of `wte` is a column of the
+tied head) and an untied `lm_head` as a kernel. `skip_embeddings_and_biases` quantizes the
+norm leaves too, the ablation that measures why they are skipped.
 """
 
 from __future__ import annotations
@@ -16,9 +27,11 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 GRANULARITIES = ("channel", "tensor")
+MODES = ("weights", "w8a8")
 _KERNEL_MODULES = ("c_attn", "c_proj", "c_fc")
 _NORM_MODULES = ("ln_1", "ln_2", "ln_f")
 
@@ -27,17 +40,24 @@ _NORM_MODULES = ("ln_1", "ln_2", "ln_f")
 class QTensor:
     """int8 `values` with float32 `scale` broadcastable to them: value ≈ values * scale.
 
-    `values` comes first so Flax's shape check of a param sees the float tensor's shape."""
+    `activations`: "float" (weight-only) or "int8" (the input is quantized too, W8A8).
+    `transposed`: values are stored [..., out, in] (W8A8 kernels); `shape` is the logical
+    [..., in, out] either way. `values` comes first so Flax's shape check of a param sees
+    the float tensor's shape where the layouts agree."""
 
     values: jax.Array
     scale: jax.Array
+    activations: str = struct.field(pytree_node=False, default="float")
+    transposed: bool = struct.field(pytree_node=False, default=False)
 
     @property
     def shape(self):
-        return self.values.shape
+        shape = tuple(self.values.shape)
+        return (*shape[:-2], shape[-1], shape[-2]) if self.transposed else shape
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
-        return self.values.astype(dtype) * self.scale.astype(dtype)
+        w = self.values.astype(dtype) * self.scale.astype(dtype)
+        return jnp.swapaxes(w, -1, -2) if self.transposed else w
 
 
 def _keys(path) -> tuple[str, ...]:
@@ -64,22 +84,43 @@ def skip_embeddings_and_biases(path, leaf) -> bool:
     return not (is_kernel_leaf(path) or is_norm_leaf(path))
 
 
-def quantize_array(w: jax.Array, *, granularity: str = "channel", kernel: bool = True) -> QTensor:
+def _absmax_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """(int8 values in [-127, 127], float32 scale) with one scale per slice over `axes`."""
+    absmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
+    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)  # an all-zero slice stays exactly 0
+    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+
+
+def quantize_array(w: jax.Array, *, granularity: str = "channel", kernel: bool = True,
+                   activations: str = "float") -> QTensor:
     """Symmetric absmax int8 in [-127, 127].
 
     Kernels [..., in, out]: one scale per output column ("channel") or per matrix ("tensor");
-    a leading layer axis keeps its own scales. Vectors [..., D]: one scale per vector."""
+    a leading layer axis keeps its own scales; with int8 activations the values are stored
+    transposed, [..., out, in]. Vectors [..., D]: one scale per vector."""
     w = jnp.asarray(w, jnp.float32)
+    if kernel and activations == "int8":
+        values, scale = _absmax_int8(jnp.swapaxes(w, -1, -2),
+                                     (-1,) if granularity == "channel" else (-2, -1))
+        return QTensor(values, scale, activations, transposed=True)
     axes = (-2,) if kernel and granularity == "channel" else (-2, -1) if kernel else (-1,)
-    absmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)  # an all-zero column stays exactly 0
-    values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-    return QTensor(values=values, scale=scale)
+    return QTensor(*_absmax_int8(w, axes), activations)
+
+
+def quantize_rows(table: jax.Array, activations: str = "float") -> QTensor:
+    """An embedding table [V, D] with one scale per row: the lookup scales each gathered row,
+    and as the tied head [V, D] a row scale is an output-column scale."""
+    return QTensor(*_absmax_int8(jnp.asarray(table, jnp.float32), (-1,)), activations)
 
 
 def granularity_of(q: QTensor) -> str:
     """How a kernel was quantized, read from its scale: one per column, or one in all."""
-    return "channel" if q.scale.shape[-1] > 1 else "tensor"
+    return "channel" if q.scale.size > np.prod(q.scale.shape[:-2], dtype=int) else "tensor"
+
+
+def requantize_like(q: QTensor, w: jax.Array) -> QTensor:
+    """Float kernel `w` [..., in, out] quantized as `q` was (granularity, mode, layout)."""
+    return quantize_array(w, granularity=granularity_of(q), activations=q.activations)
 
 
 def _check_quantizable(params) -> None:
@@ -98,16 +139,28 @@ def _check_quantizable(params) -> None:
             )
 
 
-def quantize(params, *, skip: Callable = default_skip, granularity: str = "channel"):
-    """The param tree with every leaf that `skip(path, leaf)` rejects replaced by a QTensor."""
+def quantize(params, *, mode: str = "weights", embeddings: bool = False,
+             skip: Callable = default_skip, granularity: str = "channel"):
+    """The param tree with every leaf that `skip(path, leaf)` rejects replaced by a QTensor,
+    plus `wte` (and an untied `lm_head`) when `embeddings`."""
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r} is invalid: choose one of {MODES} ('weights': int8 "
+                         f"kernels, float activations; 'w8a8': int8 activations too)")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity={granularity!r} is invalid: choose one of {GRANULARITIES}")
     _check_quantizable(params)
+    activations = "int8" if mode == "w8a8" else "float"
 
     def convert(path, leaf):
+        if embeddings and _keys(path) == ("wte", "embedding"):
+            return quantize_rows(leaf, activations)
+        if embeddings and _keys(path) == ("lm_head",):
+            return quantize_array(leaf, granularity=granularity, activations=activations)
         if skip(path, leaf):
             return leaf
-        return quantize_array(leaf, granularity=granularity, kernel=is_kernel_leaf(path))
+        kernel = is_kernel_leaf(path)
+        return quantize_array(leaf, granularity=granularity, kernel=kernel,
+                              activations=activations if kernel else "float")
 
     return jax.tree_util.tree_map_with_path(convert, params)
 
@@ -117,8 +170,11 @@ _SKIPS = {"default": default_skip, "norms_too": skip_embeddings_and_biases}
 
 def options(recorded: dict) -> dict:
     """quantize() keyword arguments from what a quantized checkpoint records
-    ({"granularity": ..., "skip": "default" | "norms_too"})."""
-    return {"granularity": recorded["granularity"], "skip": _SKIPS[recorded["skip"]]}
+    ({"granularity": ..., "skip": "default" | "norms_too", "mode": ..., "embeddings": ...};
+    checkpoints written before W8A8 lack the last two)."""
+    return {"granularity": recorded["granularity"], "skip": _SKIPS[recorded["skip"]],
+            "mode": recorded.get("mode", "weights"),
+            "embeddings": recorded.get("embeddings", False)}
 
 
 def dequantize(params):
@@ -140,6 +196,37 @@ def nbytes(tree) -> int:
     return sum(x.size * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
 
 
+# ---------------------------------------------------------------------------- SmoothQuant
+
+
+def smoothing_factors(input_absmax_LD, kernel_LDO, alpha: float = 0.5):
+    """SmoothQuant's per-channel s_j = max|X_j|^α / max_k|W_jk|^(1-α) (arXiv:2211.10438, eq. 4).
+
+    X / s and s·W give the same product, with the activation outliers moved into W."""
+    w_absmax_LD = jnp.max(jnp.abs(kernel_LDO), axis=-1)
+    s = input_absmax_LD ** alpha / jnp.maximum(w_absmax_LD, 1e-8) ** (1 - alpha)
+    return jnp.where(input_absmax_LD > 0, jnp.maximum(s, 1e-5), 1.0)  # dead channels: keep
+
+
+def smooth(params, input_absmax: dict, alpha: float = 0.5):
+    """Float params with SmoothQuant's migration folded in: the norm before `c_attn` (`ln_1`)
+    and before `c_fc` (`ln_2`) divided by s, those kernels' rows multiplied by s.
+
+    An exact refactoring in float (logits unchanged to rounding); it only changes what int8
+    loses. `input_absmax`: {"c_attn": [L, D], "c_fc": [L, D]} from `calibrate`. Pre-LN only:
+    there each of these norms feeds exactly one Linear."""
+    _check_quantizable(params)
+    h = params["h"]
+    out = {k: dict(v) for k, v in h.items()}
+    for norm, module, linear in (("ln_1", "attn", "c_attn"), ("ln_2", "mlp", "c_fc")):
+        kernel = h[module][linear]["kernel"]
+        s_LD = smoothing_factors(jnp.asarray(input_absmax[linear]), kernel, alpha)
+        out[norm] = {k: v / s_LD for k, v in h[norm].items()}  # scale and (LayerNorm) bias
+        out[module] = {**out[module], linear: {**h[module][linear],
+                                               "kernel": kernel * s_LD[..., :, None]}}
+    return {**params, "h": out}
+
+
 # ---------------------------------------------------------------------------- model hooks
 
 
@@ -150,10 +237,53 @@ def as_float(param, dtype=jnp.float32):
     return param
 
 
+def quantize_activations(x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per-row (per-token) symmetric absmax int8: (int8 [N, D], float32 scale [N, 1])."""
+    return _absmax_int8(x_ND.astype(jnp.float32), (-1,))
+
+
+def int8_dot(x, q: QTensor) -> jax.Array:
+    """float32 x [..., in] times a W8A8 `q` (values [out, in]) through int8 x int8 -> int32.
+
+    One row is padded to two: XLA:CPU's int8 dot takes a slow path for a single row
+    (768x2304: 491 µs, against 96 µs for two rows; BUILD_NOTES)."""
+    lead, d_in = x.shape[:-1], x.shape[-1]
+    x_ND = x.reshape(-1, d_in)
+    n = x_ND.shape[0]
+    if n == 1:
+        x_ND = jnp.concatenate([x_ND, jnp.zeros_like(x_ND)])
+    xq_ND, xs_N1 = quantize_activations(x_ND)
+    acc_NO = jax.lax.dot_general(xq_ND, q.values, (((1,), (1,)), ((), ())),
+                                 preferred_element_type=jnp.int32)
+    y_NO = acc_NO.astype(jnp.float32) * xs_N1 * q.scale.reshape(1, -1)
+    return y_NO[:n].reshape(*lead, -1)
+
+
 def matmul(x, kernel, dtype):
     """x @ kernel in `dtype`; a quantized kernel multiplies its scale after the matmul
     (equal to dequantize-then-matmul, but the int8 tensor is what is read)."""
+    if isinstance(kernel, QTensor) and kernel.activations == "int8":
+        return int8_dot(x, kernel).astype(dtype)
     if isinstance(kernel, QTensor):
         y = jnp.dot(x.astype(dtype), kernel.values.astype(dtype))
         return y * kernel.scale.reshape(kernel.scale.shape[-1:]).astype(dtype)
     return jnp.dot(x.astype(dtype), kernel.astype(dtype))
+
+
+def take(table, ids, dtype):
+    """Rows `ids` of an embedding table, float or int8 (gathered as int8, then scaled)."""
+    if isinstance(table, QTensor):
+        rows = jnp.take(table.values, ids, axis=0).astype(dtype)
+        return rows * jnp.take(table.scale, ids, axis=0).astype(dtype)
+    return jnp.take(jnp.asarray(table), ids, axis=0).astype(dtype)
+
+
+def head_logits(x_BTD, head_VD) -> jax.Array:
+    """float32 logits x @ head_VDᵀ; a W8A8 `wte` multiplies through its int8 values."""
+    if isinstance(head_VD, QTensor) and head_VD.activations == "int8":
+        return int8_dot(x_BTD, head_VD)
+    if isinstance(head_VD, QTensor):
+        logits = jnp.einsum("BTD,VD->BTV", x_BTD, head_VD.values.astype(x_BTD.dtype),
+                            preferred_element_type=jnp.float32)
+        return logits * head_VD.scale[:, 0]
+    return jnp.einsum("BTD,VD->BTV", x_BTD, head_VD, preferred_element_type=jnp.float32)
