@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import time
 from pathlib import Path
@@ -47,24 +46,6 @@ SHAPES = {  # name -> (model preset, batch, seq)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 SIDES = ("gpt2jax", "torch_compiled", "torch")
 PEAK_N = 2048
-
-
-def cores() -> int:
-    """The cores this process may run on (not the machine's count: containers pin)."""
-    return len(os.sched_getaffinity(0))
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return "unknown CPU"
-
-
-def machine() -> dict:
-    policy = os.sched_getscheduler(0)
-    names = {os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR"}
-    return {"cpu": cpu_model(), "cores": cores(), "sched": names.get(policy, str(policy))}
 
 
 def time_steps(run_step, warmup: int, steps: int) -> float:
@@ -234,11 +215,11 @@ def framework_peaks() -> dict[str, float]:
 def run(quick: bool = False, dtypes=tuple(DTYPES)) -> dict:
     import torch
 
-    torch.set_num_threads(cores())  # XLA's CPU client uses every core it is given
+    torch.set_num_threads(common.cores())  # XLA's CPU client uses every core it is given
     warmup, steps = (1, 3) if quick else (2, 20)
     peaks = framework_peaks()
     _, adamw_kind = _adamw(torch.nn.Linear(2, 2))
-    results = {"machine": machine(), "jax": jax.__version__, "torch": torch.__version__,
+    results = {"machine": common.machine(), "jax": jax.__version__, "torch": torch.__version__,
                **peaks, "torch_adamw": adamw_kind, "timed_steps": steps, "dropout": 0.0}
     rows = []
     for shape, (preset, batch, seq) in SHAPES.items():

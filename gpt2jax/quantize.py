@@ -61,8 +61,8 @@ def smoothquant(params, config: GPTConfig, tokens, alpha: float = 0.5):
     tokens = np.asarray(tokens)
     rows = max(1, len(tokens) // config.block_size)
     width = min(config.block_size, len(tokens))
-    return int8.smooth(params, calibrate(params, config, tokens[:rows * width].reshape(rows, width)),
-                       alpha)
+    absmax = calibrate(params, config, tokens[:rows * width].reshape(rows, width))
+    return int8.smooth(params, absmax, alpha)
 
 
 def calibration_tokens(path: str | None, n: int = CALIBRATION_TOKENS) -> np.ndarray:
