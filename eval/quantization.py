@@ -12,6 +12,7 @@ training text), and that with `wte` int8 too. Writes quantization.json and quant
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -22,7 +23,14 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from eval.common import RESULTS, perplexity, trained_model, val_loss, write_json  # noqa: E402
+from eval.common import (  # noqa: E402
+    RESULTS,
+    perplexity,
+    trained_model,
+    val_loss,
+    write_json,
+    write_readme_block,
+)  # noqa: E402
 from gpt2jax.generate import generate  # noqa: E402
 from gpt2jax.quant import int8  # noqa: E402
 from gpt2jax.quantize import calibrate, calibration_tokens, smoothquant  # noqa: E402
@@ -123,6 +131,24 @@ def plot(result: dict, path: Path) -> Path:
     return path
 
 
+def readme_table(result: dict) -> str:
+    """The README's quality table, every figure from quantization.json."""
+    model = result["model"]
+    lines = [f"{model['n_layer']} layers × {model['n_embd']} dims, {model['pos_embedding']} "
+             f"positions (`{result['command']}`); val loss over the whole val split, greedy "
+             f"tokens equal to float32's over {result['greedy_new_tokens']} new tokens from "
+             f"{result['greedy_prompts']} val prompts; largest LayerNorm-output channel over the "
+             f"median channel (c_attn / c_fc inputs, worst layer): "
+             f"{max(result['activation_outliers']['c_attn']):.1f} / "
+             f"{max(result['activation_outliers']['c_fc']):.1f}",
+             "", "| variant | val loss | Δ vs float32 | greedy tokens equal | bytes |",
+             "|---|---:|---:|---:|---:|"]
+    for name, row in result["variants"].items():
+        lines.append(f"| {name} | {row['val_loss']:.4f} | {row['delta_loss_pct']:+.4f}% | "
+                     f"{100 * row['greedy_match']:.1f}% | {row['bytes']:,} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="~1-minute model, part of val")
@@ -130,8 +156,15 @@ def main(argv=None):
     p.add_argument("--train-minutes", type=float, default=None,
                    help="training budget when no --ckpt (default: 1 quick, 5 full)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--readme", action="store_true",
+                   help="write the README's quality table from --out's quantization.json")
     args = p.parse_args(argv)
     out = Path(args.out)
+    if args.readme:
+        write_readme_block("quantization", readme_table(
+            json.loads((out / "quantization.json").read_text())))
+        print(f"wrote the README's int8 quality table from {out / 'quantization.json'}")
+        return
     with tempfile.TemporaryDirectory() as work:
         config, params, val = trained_model(ckpt=args.ckpt, quick=args.quick, out=work,
                                             minutes=args.train_minutes)
