@@ -5,8 +5,9 @@
 For each batch size and each weight format (float32, `int8` weights only, `w8a8` with `wte`
 int8 too) traces one `generate` call (prompt 32 + 64 new tokens, cache) with XLA's per-op
 trace events, joins every op to its compiled-HLO instruction and sums op time per decoded
-token by what it is for: the layers' matmuls, the head, the activations' int8 rounding,
-int8 -> float converts of weights (weight-only int8's cost), attention, sampling, the rest.
+token by what it is for: the layers' matmuls, the head, the Linear layers' elementwise work
+(int8 -> float converts of the kernels, the activations' int8 rounding, the scale products,
+the bias), attention, sampling, the rest.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ gen = importlib.import_module("gpt2jax.generate")  # gpt2jax.generate is also th
 FORMATS = {"float32": None, "int8": dict(mode="weights"),
            "w8a8_emb": dict(mode="w8a8", embeddings=True)}
 PROMPT, NEW = 32, 64
-CATEGORIES = ("layer matmuls", "head matmul", "int8 rounding, rescaling", "weight converts",
-              "attention", "sampling", "other")
+CATEGORIES = ("layer matmuls", "head matmul", "Linear elementwise", "attention", "sampling",
+              "other")
 
 
 def categorize(name: str, op_name: str, result: str, vocab_size: int) -> str:
@@ -47,11 +48,8 @@ def categorize(name: str, op_name: str, result: str, vocab_size: int) -> str:
     is_dot = name.startswith(("dot", "ynn_fusion")) or "dot_general" in op_name
     if is_dot and not op_name:
         return "head matmul" if result.endswith(f",{vocab_size}]") else "layer matmuls"
-    if "convert" in name and "convert_element_type" in op_name and "Linear" not in op_name \
-            and any(f"/{m}/" in op_name for m in ("c_attn", "c_proj", "c_fc")) and not is_dot:
-        return "weight converts"
     if any(f"/{m}/" in op_name for m in ("c_attn", "c_proj", "c_fc")):
-        return "layer matmuls" if is_dot else "int8 rounding, rescaling"
+        return "layer matmuls" if is_dot else "Linear elementwise"
     if "BTD,VD->BTV" in op_name or ("GPT/" in op_name and is_dot):
         return "head matmul"
     if "/attn/" in op_name:
