@@ -134,8 +134,11 @@ def plot(result: dict, path: Path) -> Path:
 def readme_table(result: dict) -> str:
     """The README's quality table, every figure from quantization.json."""
     model = result["model"]
+    trained = result.get("trained")
     lines = [f"{model['n_layer']} layers × {model['n_embd']} dims, {model['pos_embedding']} "
-             f"positions (`{result['command']}`); val loss over the whole val split, greedy "
+             f"positions" + (f", trained {trained['step']} steps ({trained['wall_s'] / 60:.0f} min)"
+                             if trained else "")
+             + f" (`{result['command']}`); val loss over the whole val split, greedy "
              f"tokens equal to float32's over {result['greedy_new_tokens']} new tokens from "
              f"{result['greedy_prompts']} val prompts; largest LayerNorm-output channel over the "
              f"median channel (c_attn / c_fc inputs, worst layer): "
@@ -156,25 +159,33 @@ def main(argv=None):
     p.add_argument("--train-minutes", type=float, default=None,
                    help="training budget when no --ckpt (default: 1 quick, 5 full)")
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--name", default="quantization",
+                   help="results file stem: OUT/NAME.json and .png (one per model)")
     p.add_argument("--readme", action="store_true",
-                   help="write the README's quality table from --out's quantization.json")
+                   help="write the README's quality tables from --out's quantization*.json")
     args = p.parse_args(argv)
     out = Path(args.out)
     if args.readme:
-        write_readme_block("quantization", readme_table(
-            json.loads((out / "quantization.json").read_text())))
-        print(f"wrote the README's int8 quality table from {out / 'quantization.json'}")
+        paths = sorted(out.glob("quantization*.json"))
+        write_readme_block("quantization", "\n\n".join(
+            readme_table(json.loads(path.read_text())) for path in paths))
+        print(f"wrote the README's int8 quality tables from {', '.join(map(str, paths))}")
         return
     with tempfile.TemporaryDirectory() as work:
         config, params, val = trained_model(ckpt=args.ckpt, quick=args.quick, out=work,
                                             minutes=args.train_minutes)
         result = run(params, config, val, max_tokens=8192 if args.quick else None)
     result["model"] = config.to_dict()
+    summary = Path(args.ckpt or "", "summary.json")
+    if args.ckpt and summary.exists():  # how the checkpoint was trained, from the trainer
+        trained = json.loads(summary.read_text())
+        result["trained"] = {k: trained[k] for k in ("step", "stopped", "val_loss", "wall_s")}
     result["command"] = ("python -m eval.quantization" + (" --quick" if args.quick else "")
-                         + (f" --ckpt {args.ckpt}" if args.ckpt else ""))
-    write_json(out / "quantization.json", result)
-    plot(result, out / "quantization.png")
-    print(f"wrote {out / 'quantization.json'} and {out / 'quantization.png'}")
+                         + (f" --ckpt {args.ckpt}" if args.ckpt else "")
+                         + (f" --name {args.name}" if args.name != "quantization" else ""))
+    write_json(out / f"{args.name}.json", result)
+    plot(result, out / f"{args.name}.png")
+    print(f"wrote {out / args.name}.json and .png")
 
 
 if __name__ == "__main__":
