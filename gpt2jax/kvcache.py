@@ -226,8 +226,8 @@ def _select_outliers(x_NTD, heads: int, per: str):
 
 
 def _combine(m_NT, l_NT, scores_NTS, mask_NTS):
-    """One step of a streaming softmax: fold masked scores into the running max m and
-    normaliser l; returns (probabilities [N, T, S], the factor for earlier sums, m, l)."""
+    """Fold one part's masked scores into a softmax's running max m and normaliser l: returns
+    (unnormalised probabilities [N, T, S], the factor for earlier parts' sums, m, l)."""
     scores_NTS = jnp.where(mask_NTS, scores_NTS, -jnp.inf)
     new_m_NT = jnp.maximum(m_NT, scores_NTS.max(-1))
     probs_NTS = jnp.exp(scores_NTS - new_m_NT[..., None])  # masked: exactly 0
@@ -243,11 +243,10 @@ class TurboQuantCache:
 
     As the paper runs it: a chunk's queries attend to the chunk's own keys and values exactly
     (the prefill is exact attention; a decode step sees its own token exactly) and to the
-    positions before it (< lengths) through their codes. Scores come from the key codes with
-    the query rotated once; values are summed in the rotated space and rotated back once; the
-    codes are read block by block (BLOCK positions), only as far as the longest row is
-    filled, with a streaming softmax: no [B*H, max_len, head_dim] float copy is made and
-    the loop's trip count is a traced value, so decoding never recompiles.
+    positions before it (< lengths) through their codes, one softmax over both parts. Scores
+    come from the key codes with the query rotated once; values are summed in the rotated
+    space and rotated back once; the codebook lookup is fused with the unpacking (no int32
+    index copy); while no row has stored positions (a prefill) the codes are not read.
 
     Outliers (tq.outlier with outlier_select "head" or "layer"): k_perm, v_perm per layer
     [batch * head, 1, head_dim] int32, the outlier-first channel order that a row's first
@@ -373,8 +372,8 @@ class TurboQuantCache:
         normaliser [N, T], v_quantizer.rotated_sum of the unnormalised probabilities). Skipped
         while no row has any (a prefill)."""
         N, T, D = q_NTD.shape
-        S = self.max_len
-        pos_S = jnp.arange(S)
+        pos_S = jnp.arange(self.max_len)
+        nothing = (jnp.full((N, T), jnp.finfo(jnp.float32).min), jnp.zeros((N, T)))  # m, l
 
         def coded(_):
             mask_NTS = (pos_S < start_N11) & (pos_S <= pos_NT1)
@@ -382,15 +381,12 @@ class TurboQuantCache:
                 held_NS = window_pos_NW[:, pos_S % self.window] == pos_S
                 mask_NTS &= ~held_NS[:, None, :]
             scores_NTS = k_quantizer.scores(k_quantizer.prepare_query(q_NTD), self.k[layer])
-            probs_NTS, _, m_NT, l_NT = _combine(
-                jnp.full((N, T), jnp.finfo(jnp.float32).min), jnp.zeros((N, T)),
-                scores_NTS * D**-0.5, mask_NTS)
+            probs_NTS, _, m_NT, l_NT = _combine(*nothing, scores_NTS * D**-0.5, mask_NTS)
             return m_NT, l_NT, v_quantizer.rotated_sum(probs_NTS, self.v[layer])
 
         def empty(_):
             acc = jax.eval_shape(coded, None)[2]
-            return (jnp.full((N, T), jnp.finfo(jnp.float32).min), jnp.zeros((N, T)),
-                    jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), acc))
+            return (*nothing, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), acc))
 
         return jax.lax.cond(jnp.max(self.lengths) > 0, coded, empty, None)
 
