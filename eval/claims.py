@@ -200,9 +200,10 @@ def render_kv(results: dict[str, dict]) -> Section:
            + v["summary"])
     how = (f"Decode speed with and without the cache, {d['preset']} shape, against Hugging "
            f"Face in the same run (`eval.bench_decode`); TurboQuant caches on a model trained "
-           f"on Tiny Shakespeare (`eval.kv_quant`): val loss scored token by token through "
-           f"the quantized cache, greedy agreement with the float cache, attention-score "
-           f"error, and bytes from the arrays.")
+           f"on Tiny Shakespeare (`{q['command']}`), run as the paper runs them (exact "
+           f"prefill, codes stored, each decoded token exact to itself): val loss scored token "
+           f"by token through the quantized cache, greedy agreement with the float cache, "
+           f"attention-score error, and bytes from the arrays.")
     return Section(how, table, verdict, why)
 
 

@@ -2,16 +2,22 @@
 
     python -m eval.kv_quant [--quick] [--ckpt DIR] [--out eval/results] [--work out/claims]
 
-On a model trained on Tiny Shakespeare (default: the positions experiment's `baby` run with
-learned positions, context 256, head dim 64; trained here if missing), for the float32 and
-bfloat16 caches and TurboQuant at {2, 2.5, 3, 3.5, 4} bits with mse or prod keys:
+On a model trained on Tiny Shakespeare (--ckpt, e.g. the main training run out/shakespeare;
+default: the positions experiment's `baby` run, trained here if missing), the float32 and
+bfloat16 caches and TurboQuant caches run as the paper runs them: the prompt is prefilled
+with exact attention and only its codes are stored (outlier channels chosen from it), each
+decoded token attends to the stored codes and to its own exact key and value. Rates: plain
+b = 2, 3, 4 bits with mse or prod keys, the paper's outlier split (a quarter of the channels
+at b + 1) with the channels selected per head, per layer or not at all (channels 0..n-1),
+and mse codes with the unbiased scale. Every rate is labelled by its code bits and by its
+total bits per value including the float16 norms. Per cache:
 
-- val loss and perplexity scored token by token through the cache (a `lax.scan` of one-token
-  decode steps, so every key and value read was quantized when written);
+- val loss and perplexity of the tokens decoded one at a time after a PROMPT-token prefill;
 - greedy agreement with the float32 cache over 200 generated tokens (8 val prompts);
-- attention-score error: the scores the cache computes from key codes (query rotated once)
-  against the exact q·k, as RMSE over the scores' std, and the total-variation distance
-  between the two attention distributions, over every causal pair of every layer and head;
+- attention-score error: the scores the cache computes from key codes (query rotated once,
+  outliers selected from the first PROMPT keys) against the exact q·k, as RMSE over the
+  scores' std, and the total-variation distance between the two attention distributions,
+  over every causal pair of every layer and head;
 - cache bytes from the arrays (batch 1, 1024 tokens) and bits per value with/without norms.
 
 Writes kv_quant.json and kv_quant.png.
@@ -37,43 +43,48 @@ from eval.common import (
 from gpt2jax import checkpoint, positions
 from gpt2jax.config import GPTConfig
 from gpt2jax.generate import generate
-from gpt2jax.kvcache import heads_to_rows, make_cache, turboquant_quantizers
+from gpt2jax.kvcache import heads_to_rows, make_cache, rows_to_heads
 from gpt2jax.model import Block, Norm, apply, token_embedding_scale, unstack_layers
-from gpt2jax.quant.turboquant import TurboQuantConfig, bits_per_value, split_for_rate
+from gpt2jax.quant.turboquant import TurboQuantConfig, bits_per_value, quarter_split
 from train import TrainConfig
 from train import data as data_lib
 
-RATES = (2, 2.5, 3, 3.5, 4)
-QUICK_RATES = (2.5, 3)  # a split rate and the headline: each cache kind compiles twice
-KEY_QUANTIZERS = ("mse", "prod")
 FLOAT_KINDS = ("float32", "bfloat16")
+PROMPT = 32  # tokens prefilled exactly (and the outliers' calibration) before decoding
+NEW_TOKENS = 200
 BYTES_TOKENS = 1024
 
 
-def tq_config(rate: float, key_quantizer: str, head_dim: int) -> TurboQuantConfig:
-    """Integer rates as they are; 2.5 and 3.5 by an outlier split of the channels."""
-    if rate == int(rate):
-        return TurboQuantConfig(bits=int(rate), key_quantizer=key_quantizer)
-    split = split_for_rate(rate, head_dim)
-    return TurboQuantConfig(bits=split.bits_regular, key_quantizer=key_quantizer, outlier=split)
-
-
-def kinds(head_dim: int, rates=RATES) -> dict[str, object]:
+def kinds(head_dim: int, quick: bool = False) -> dict[str, object]:
+    """Name -> cache kind. Splits are named by their code bits (2.25 = 16@3 + 48@2 at d=64)
+    and by how their outlier channels are chosen."""
     out: dict[str, object] = {k: k for k in FLOAT_KINDS}
-    for rate in rates:
-        for kq in KEY_QUANTIZERS:
-            out[f"tq{rate:g}-{kq}"] = tq_config(rate, kq, head_dim)
+    plain = (2, 3) if quick else (2, 3, 4)
+    for bits in plain:
+        out[f"tq{bits}-mse"] = TurboQuantConfig(bits=bits)
+    if not quick:
+        for bits in (3, 4):
+            out[f"tq{bits}-prod"] = TurboQuantConfig(bits=bits, key_quantizer="prod")
+        out["tq3-mse-unbiased"] = TurboQuantConfig(bits=3, unbiased=True)
+    for bits in (2,) if quick else (2, 3):
+        split = quarter_split(bits, head_dim)
+        code_bits = bits_per_value(split, head_dim, include_norms=False)
+        for select in ("head", "layer", "first") if bits == 2 and not quick else ("head", "first"):
+            out[f"tq{code_bits:g}-mse-{select}"] = TurboQuantConfig(
+                bits=bits, outlier=split, outlier_select=select)
     return out
 
 
 # ---------------------------------------------------------------------------- measurements
 
 
-@functools.partial(jax.jit, static_argnames=("config", "kind"))
-def cached_nll(params, windows_NT, config: GPTConfig, kind):
-    """[N, T-1] NLL of each next token, decoding one token at a time through a `kind` cache."""
+@functools.partial(jax.jit, static_argnames=("config", "kind", "prompt"))
+def cached_nll(params, windows_NT, config: GPTConfig, kind, prompt: int = PROMPT):
+    """[N, T-1-prompt] NLL of each next token after the prompt: a prompt-token prefill, then
+    one token at a time through a `kind` cache."""
     N, T = windows_NT.shape
     cache = make_cache(config, N, T, kind)
+    _, cache = apply(params, windows_NT[:, :prompt], config, cache=cache)
 
     def step(cache, t):
         tok_N1 = jax.lax.dynamic_slice_in_dim(windows_NT, t, 1, axis=1)
@@ -82,16 +93,16 @@ def cached_nll(params, windows_NT, config: GPTConfig, kind):
         logp_NV = jax.nn.log_softmax(logits_N1V[:, 0])
         return cache, -jnp.take_along_axis(logp_NV, target_N[:, None], -1)[:, 0]
 
-    _, nll_TN = jax.lax.scan(step, cache, jnp.arange(T - 1))
+    _, nll_TN = jax.lax.scan(step, cache, jnp.arange(prompt, T - 1))
     return nll_TN.T
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def reference_nll(params, windows_NT, config: GPTConfig):
+@functools.partial(jax.jit, static_argnames=("config", "prompt"))
+def reference_nll(params, windows_NT, config: GPTConfig, prompt: int = PROMPT):
     """The same NLL from one cache-free forward: what the float32 cache must reproduce."""
     logits, _ = apply(params, windows_NT[:, :-1], config)
     logp = jax.nn.log_softmax(logits)
-    return -jnp.take_along_axis(logp, windows_NT[:, 1:, None], -1)[..., 0]
+    return -jnp.take_along_axis(logp, windows_NT[:, 1:, None], -1)[:, prompt:, 0]
 
 
 def queries_and_keys(params, config: GPTConfig, tokens_BT):
@@ -121,12 +132,17 @@ def queries_and_keys(params, config: GPTConfig, tokens_BT):
     return out
 
 
-def score_error(qk_layers, tq: TurboQuantConfig) -> dict:
-    """Scores from key codes vs exact q·k (both / sqrt(d)) over causal pairs, all layers."""
+def score_error(qk_layers, config: GPTConfig, tq: TurboQuantConfig) -> dict:
+    """Scores from key codes vs exact q·k (both / sqrt(d)) over causal pairs, all layers;
+    outlier channels selected from the first PROMPT keys, as a cache's prefill does."""
     sq_err = sq_dev = tv = rows = 0.0
+    N, T, _ = qk_layers[0][0].shape
+    B, prompt = N // config.n_head, min(PROMPT, T)
+    cache = make_cache(config, B, prompt, tq)
     for layer, (q_NTD, k_NTD) in enumerate(qk_layers):
         d = q_NTD.shape[-1]
-        keys, _ = turboquant_quantizers(tq, d, layer)
+        prompt_BTHD = rows_to_heads(k_NTD[:, :prompt], B)
+        keys, _ = cache.write(layer, prompt_BTHD, prompt_BTHD).quantizers(layer)
         exact = jnp.einsum("NTD,NSD->NTS", q_NTD, k_NTD) * d**-0.5
         approx = keys.scores(keys.prepare_query(q_NTD), keys.quantize(k_NTD)) * d**-0.5
         T = exact.shape[-1]
@@ -172,20 +188,18 @@ def model_under_test(quick: bool, ckpt: str | None, work: Path) -> str:
 def run(quick: bool, out: Path, work: Path, ckpt: str | None = None) -> dict:
     ckpt = model_under_test(quick, ckpt, work)
     config, params = checkpoint.load(ckpt)
-    T = config.block_size
+    T, d = config.block_size, config.head_dim
     val = np.asarray(data_lib.load_split(shakespeare_data(work), "val"))
-    n_windows = 8 if quick else 64
+    n_windows = 8 if quick else 16
     windows = jnp.asarray(val[: n_windows * T].reshape(n_windows, T).astype(np.int32))
-    prompt_len = 16
-    new_tokens = min(200, T - prompt_len - 16)
-    prompts = [val[i * 997: i * 997 + prompt_len].tolist() for i in range(8)]
+    new_tokens = min(NEW_TOKENS, T - PROMPT - 16)
+    prompts = [val[i * 997: i * 997 + PROMPT].tolist() for i in range(8)]
     qk = queries_and_keys(params, config, windows[: 4 if quick else 8])
     reference = np.asarray(reference_nll(params, windows, config))
     float_tokens = greedy_tokens(params, config, prompts, new_tokens, "float32")
 
     rows = {}
-    rates = QUICK_RATES if quick else RATES
-    for name, kind in tqdm(kinds(config.head_dim, rates).items(), desc="cache kinds"):
+    for name, kind in tqdm(kinds(d, quick).items(), desc="cache kinds"):
         nll = np.asarray(cached_nll(params, windows, config, kind))
         tokens = greedy_tokens(params, config, prompts, new_tokens, kind)
         equal = tokens == float_tokens
@@ -199,30 +213,39 @@ def run(quick: bool, out: Path, work: Path, ckpt: str | None = None) -> dict:
                                       BYTES_TOKENS, kind).nbytes - 4,  # minus lengths
         }
         if isinstance(kind, TurboQuantConfig):
-            row.update(score_error(qk, kind))
+            row.update(score_error(qk, config, kind))
             spec = dict(kind=kind.key_quantizer)
-            row["key_bits"] = bits_per_value(kind.key_spec, config.head_dim, **spec)
-            row["key_code_bits"] = bits_per_value(kind.key_spec, config.head_dim, **spec,
-                                                  include_norms=False)
-            row["value_bits"] = bits_per_value(kind.value_spec, config.head_dim)
+            row["key_bits"] = bits_per_value(kind.key_spec, d, **spec)
+            row["key_code_bits"] = bits_per_value(kind.key_spec, d, **spec, include_norms=False)
+            row["value_bits"] = bits_per_value(kind.value_spec, d)
+            row["value_code_bits"] = bits_per_value(kind.value_spec, d, include_norms=False)
         rows[name] = row
     fp32, fp16_bytes = rows["float32"], 2 * 2 * config.n_layer * BYTES_TOKENS * config.n_embd
     for row in rows.values():
         row["delta_loss_pct"] = 100 * (row["val_loss"] / fp32["val_loss"] - 1)
         row["compression_vs_fp16"] = fp16_bytes / row["cache_bytes"]
     result = {
-        "command": f"python -m eval.kv_quant{' --quick' if quick else ''}",
+        "command": f"python -m eval.kv_quant{' --quick' if quick else ''}"
+                   f"{f' --ckpt {ckpt}' if ckpt else ''}",
         "model": config.to_dict(), "checkpoint": str(ckpt), "scored_tokens": int(reference.size),
+        "prompt_tokens": PROMPT,
         "float32_cache_vs_no_cache_max_abs_nll": float(
             np.abs(np.asarray(cached_nll(params, windows, config, "float32")) - reference).max()),
-        "new_tokens": new_tokens, "fp16_cache_bytes": fp16_bytes, "rates": rates, "rows": rows,
+        "new_tokens": new_tokens, "fp16_cache_bytes": fp16_bytes, "rows": rows,
     }
     result["verdict"] = verdict(result)
     result["table"] = table(result)
     write_json(out / "kv_quant.json", result)
     plot(result, out / "kv_quant.png")
     print(result["table"])
+    print(result["verdict"]["summary"])
     return result
+
+
+def _splits(rows: dict) -> list[tuple[str, str]]:
+    """(split with selected outliers, the plain rate below it) pairs present in rows."""
+    return [(name, f"tq{name[2]}-mse") for name in rows
+            if name.endswith("-mse-head") and f"tq{name[2]}-mse" in rows]
 
 
 def verdict(result: dict) -> dict:
@@ -231,32 +254,43 @@ def verdict(result: dict) -> dict:
     lossless = {n: r for n, r in rows.items() if n.startswith("tq")
                 and r["delta_loss_pct"] < 0.1 and r["greedy_match"] >= 0.99}
     best = max(lossless.items(), key=lambda kv: kv[1]["compression_vs_fp16"], default=None)
-    summary = (f"At 3 bits (mse keys) the cache is {three['compression_vs_fp16']:.1f}× smaller "
-               f"than a float16 cache, val loss moves {three['delta_loss_pct']:+.2f}% and "
+    summary = (f"At 3 bits (mse keys, {three['key_bits']:g} bits per value with the norm) "
+               f"the cache is {three['compression_vs_fp16']:.1f}× smaller than a float16 "
+               f"cache, val loss moves {three['delta_loss_pct']:+.2f}% and "
                f"{100 * three['greedy_match']:.0f}% of {result['new_tokens']} greedy tokens "
                f"match the float cache. ")
     if best:
         summary += (f"The smallest cache within 0.1% loss and 99% greedy agreement is "
-                    f"{best[0]} ({best[1]['compression_vs_fp16']:.1f}× vs float16).")
+                    f"{best[0]} ({best[1]['compression_vs_fp16']:.1f}× vs float16). ")
     else:
-        summary += "No TurboQuant setting stayed within 0.1% loss and 99% greedy agreement."
+        summary += "No TurboQuant setting stayed within 0.1% loss and 99% greedy agreement. "
+    split_wins = {}
+    for split, plain in _splits(rows):
+        split_wins[split] = rows[split]["score_rel_rmse"] < rows[plain]["score_rel_rmse"]
+        summary += (f"{split} (outliers chosen per head from the prompt) scores "
+                    f"{rows[split]['score_rel_rmse']:.3f} rel. RMSE against {plain}'s "
+                    f"{rows[plain]['score_rel_rmse']:.3f}. ")
     zero_loss_at_3 = three["delta_loss_pct"] < 0.1 and three["greedy_match"] >= 0.99
     five_x = three["compression_vs_fp16"] >= 4.5
-    return {"summary": summary, "verdict": "holds" if zero_loss_at_3 and five_x else
+    return {"summary": summary.strip(), "split_beats_lower_rate": split_wins,
+            "verdict": "holds" if zero_loss_at_3 and five_x else
             "holds in part" if best or five_x else "does not hold"}
 
 
 def table(result: dict) -> str:
-    lines = ["| cache | bits/value K (codes) | val loss | Δ loss | greedy match | "
-             "score rel. RMSE | attention TV | bytes @1024 | vs fp16 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| cache | K bits/value: total (codes) | V total (codes) | val loss | Δ loss | "
+             "greedy match | score rel. RMSE | attention TV | bytes @1024 | vs fp16 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in result["rows"].items():
-        bits = (f"{r['key_bits']:.2f} ({r['key_code_bits']:.2f})" if "key_bits" in r
-                else {"float32": "32", "bfloat16": "16"}[name])
+        if "key_bits" in r:
+            bits = (f"{r['key_bits']:g} ({r['key_code_bits']:g}) | "
+                    f"{r['value_bits']:g} ({r['value_code_bits']:g})")
+        else:
+            bits = {"float32": "32 | 32", "bfloat16": "16 | 16"}[name]
         err = (f"{r['score_rel_rmse']:.3f} | {r['attention_tv']:.3f}" if "score_rel_rmse" in r
                else "0 | 0" if name == "float32" else "— | —")
-        lines.append(f"| {name} | {bits} | {r['val_loss']:.4f} | {r['delta_loss_pct']:+.2f}% | "
-                     f"{100 * r['greedy_match']:.0f}% | {err} | {r['cache_bytes']:,} | "
+        lines.append(f"| {name} | {bits} | {r['val_loss']:.4f} | {r['delta_loss_pct']:+.3f}% | "
+                     f"{100 * r['greedy_match']:.1f}% | {err} | {r['cache_bytes']:,} | "
                      f"{r['compression_vs_fp16']:.2f}× |")
     return "\n".join(lines)
 
@@ -269,32 +303,36 @@ def plot(result: dict, path: Path) -> None:
 
     rows = result["rows"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for i, (kq, marker) in enumerate(zip(KEY_QUANTIZERS, ("o", "s"), strict=True)):
-        names = [f"tq{r:g}-{kq}" for r in result["rates"]]
-        x = [rows[n]["compression_vs_fp16"] for n in names]
-        ax1.plot(x, [rows[n]["delta_loss_pct"] for n in names], f"{marker}-",
-                 label=f"TurboQuant, {kq} keys")
+    families = {"mse keys": lambda n: n.endswith("-mse") or "mse-head" in n,
+                "prod keys": lambda n: n.endswith("-prod"),
+                "split, channels 0..n-1": lambda n: n.endswith("-first"),
+                "split, per layer": lambda n: n.endswith("-layer"),
+                "mse, unbiased scale": lambda n: n.endswith("-unbiased")}
+    for i, (label, member) in enumerate(families.items()):
+        names = sorted((n for n in rows if n.startswith("tq") and member(n)),
+                       key=lambda n: rows[n]["key_bits"])
+        if not names:
+            continue
+        x = [rows[n]["key_bits"] for n in names]
+        ax1.plot(x, [rows[n]["delta_loss_pct"] for n in names], "o-", color=f"C{i}",
+                 label=label)
+        ax2.plot(x, [rows[n]["score_rel_rmse"] for n in names], "o-", color=f"C{i}",
+                 label=label)
         for n, xi in zip(names, x, strict=True):
-            ax1.annotate(n.split("-")[0][2:] + "b", (xi, rows[n]["delta_loss_pct"]),
-                         fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax2.plot(x, [rows[n]["score_rel_rmse"] for n in names], f"{marker}-", color=f"C{i}",
-                 label=f"{kq} keys: score RMSE / score std")
-        ax2.plot(x, [rows[n]["attention_tv"] for n in names], f"{marker}:", color=f"C{i}",
-                 label=f"{kq} keys: attention TV distance")
-    for name, marker in (("float32", "k*"), ("bfloat16", "kD")):
-        ax1.plot(rows[name]["compression_vs_fp16"], rows[name]["delta_loss_pct"], marker,
-                 label=name)
+            ax2.annotate(n[2:].split("-")[0], (xi, rows[n]["score_rel_rmse"]), fontsize=7,
+                         xytext=(3, 3), textcoords="offset points")
+    ax1.axhline(rows["bfloat16"]["delta_loss_pct"], color="k", ls=":", label="bfloat16 cache")
     ax1.axhline(0, color="gray", lw=0.5)
-    ax1.set_xlabel("cache size: float16 bytes / bytes")
     ax1.set_ylabel("val loss change vs float32 cache (%)")
-    ax1.set_title("quality vs compression (token-by-token through the cache)")
-    ax2.set_xlabel("cache size: float16 bytes / bytes")
-    ax2.set_ylabel("attention error (every causal pair, layer, head)")
+    ax1.set_title(f"decoded token by token after a {result['prompt_tokens']}-token exact prefill",
+                  fontsize=10)
+    ax2.set_ylabel("score RMSE / score std (every causal pair, layer, head)")
     matches = sorted({f"{100 * r['greedy_match']:.0f}%" for n, r in rows.items()
                       if n.startswith("tq")})
     ax2.set_title(f"greedy tokens equal to the float32 cache's: {', '.join(matches)} "
                   f"({result['new_tokens']} tokens)", fontsize=10)
     for ax in (ax1, ax2):
+        ax.set_xlabel("key bits per value, float16 norms included")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()

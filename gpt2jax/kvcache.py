@@ -5,8 +5,10 @@ Interface every cache kind implements (so attention never branches on the kind):
 - `write(layer, k_BTHD, v_BTHD) -> cache`: store T new keys/values of every row at that
   row's own offset `lengths[b]` (keys arrive already rotated when RoPE is on); `layer` is a
   Python int: the model runs the layers one by one when it carries a cache;
-- `attend(layer, q_BTHD, q_positions_BT) -> out_BTHD`: causal attention of the queries over
-  everything cached for that layer (buffer index == absolute position);
+- `attend(layer, q_BTHD, q_positions_BT, k_BTHD, v_BTHD) -> out_BTHD`: causal attention of
+  the queries over everything cached for that layer (buffer index == absolute position),
+  after `write` stored the chunk's k/v; a lossy cache attends to the chunk itself through
+  the exact k_BTHD, v_BTHD;
 - `advance(T) -> cache`: the rows' lengths grow by T once every layer has written;
 - `nbytes`: the bytes its arrays hold.
 
@@ -27,7 +29,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from gpt2jax.config import GPTConfig
-from gpt2jax.quant.turboquant import TurboQuantConfig
+from gpt2jax.quant.turboquant import OutlierSplit, TurboQuantConfig, outlier_permutation
 
 CACHE_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -161,7 +163,9 @@ class KVCache:
             v=_replace_at(self.v, layer, _write_rows(self.v[layer], v_BTHD, self.lengths)),
         )
 
-    def attend(self, layer: int, q_BTHD, q_positions_BT):
+    def attend(self, layer: int, q_BTHD, q_positions_BT, k_BTHD=None, v_BTHD=None):
+        """The chunk's own k/v (the interface's last two arguments) are read back from the
+        buffers, where `write` put them exactly."""
         mask_BTS = causal_mask(q_positions_BT, self.max_len)
         if self.dot_product:  # it takes [B, S, H, D] only: the rows are copied to that
             B = q_BTHD.shape[0]
@@ -207,12 +211,46 @@ def turboquant_quantizers(tq_config: TurboQuantConfig, head_dim: int, layer: int
         return tq_config.make_quantizers(head_dim, stream=(layer,))
 
 
+def _rows_of(x_B, heads: int):
+    """[B, ...] -> [B*H, ...]: each batch row's entry for every head row b*H + h."""
+    return jnp.repeat(x_B, heads, axis=0)
+
+
+def _select_outliers(x_NTD, heads: int, per: str):
+    """[N, 1, d] outlier-first channel order from the RMS over a chunk's vectors, per row
+    b*H + h ("head") or shared by the heads of a batch row ("layer")."""
+    if per == "head":
+        return outlier_permutation(x_NTD)[:, None, :]
+    N, T, d = x_NTD.shape
+    return _rows_of(outlier_permutation(x_NTD.reshape(N // heads, heads * T, d)), heads)[:, None]
+
+
+def _combine(m_NT, l_NT, scores_NTS, mask_NTS):
+    """Fold one part's masked scores into a softmax's running max m and normaliser l: returns
+    (unnormalised probabilities [N, T, S], the factor for earlier parts' sums, m, l)."""
+    scores_NTS = jnp.where(mask_NTS, scores_NTS, -jnp.inf)
+    new_m_NT = jnp.maximum(m_NT, scores_NTS.max(-1))
+    probs_NTS = jnp.exp(scores_NTS - new_m_NT[..., None])  # masked: exactly 0
+    rescale_NT = jnp.exp(m_NT - new_m_NT)
+    return probs_NTS, rescale_NT, new_m_NT, l_NT * rescale_NT + probs_NTS.sum(-1)
+
+
 @struct.dataclass
 class TurboQuantCache:
     """TurboQuant cache (`quant/turboquant.py`). k, v: per layer, codes pytrees (packed uint8
-    indices, float16 norms) with leaves [batch * head, max_len, ...], quantized at write time;
-    attention scores come from the key codes with the query rotated once, and values are
-    summed in the rotated space and rotated back once. lengths [batch] as in `KVCache`.
+    indices, float16 norms) with leaves [batch * head, max_len, ...], quantized at write time.
+    lengths [batch] as in `KVCache`.
+
+    As the paper runs it: a chunk's queries attend to the chunk's own keys and values exactly
+    (the prefill is exact attention; a decode step sees its own token exactly) and to the
+    positions before it (< lengths) through their codes, one softmax over both parts. Scores
+    come from the key codes with the query rotated once; values are summed in the rotated
+    space and rotated back once; the codebook lookup is fused with the unpacking (no int32
+    index copy); while no row has stored positions (a prefill) the codes are not read.
+
+    Outliers (tq.outlier with outlier_select "head" or "layer"): k_perm, v_perm per layer
+    [batch * head, 1, head_dim] int32, the outlier-first channel order that a row's first
+    write (its prompt) selects by per-channel RMS and later writes keep; () otherwise.
 
     Window (`tq.window` > 0): k_window, v_window per layer [batch * head, W, head_dim] hold
     the exact keys/values of the W most recently written positions, position p in slot
@@ -232,6 +270,8 @@ class TurboQuantCache:
     k_window: tuple[jax.Array, ...]
     v_window: tuple[jax.Array, ...]
     window_pos: jax.Array | None
+    k_perm: tuple[jax.Array, ...]
+    v_perm: tuple[jax.Array, ...]
     tq: TurboQuantConfig = struct.field(pytree_node=False)
     head_dim: int = struct.field(pytree_node=False)
 
@@ -248,16 +288,31 @@ class TurboQuantCache:
         return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
 
     def quantizers(self, layer: int):
-        return turboquant_quantizers(self.tq, self.head_dim, layer)
+        """(keys, values) quantizers of the layer, with the selected outlier channels."""
+        k_quantizer, v_quantizer = turboquant_quantizers(self.tq, self.head_dim, layer)
+        if self.k_perm:
+            k_quantizer = k_quantizer.replace(perm=self.k_perm[layer])
+        if self.v_perm:
+            v_quantizer = v_quantizer.replace(perm=self.v_perm[layer])
+        return k_quantizer, v_quantizer
 
     def write(self, layer: int, k_BTHD, v_BTHD) -> TurboQuantCache:
         _, T, H, _ = k_BTHD.shape
-        k_quantizer, v_quantizer = self.quantizers(layer)
+        k_NTD, v_NTD = heads_to_rows(k_BTHD), heads_to_rows(v_BTHD)
+        cache = self
+        fresh_N11 = _rows_of(self.lengths == 0, H)[:, None, None]  # a row's first write
+        for name, x_NTD in (("k_perm", k_NTD), ("v_perm", v_NTD)):
+            perms = getattr(self, name)
+            if perms:
+                perm = jnp.where(fresh_N11, _select_outliers(x_NTD, H, self.tq.outlier_select),
+                                 perms[layer])
+                cache = cache.replace(**{name: _replace_at(perms, layer, perm)})
+        k_quantizer, v_quantizer = cache.quantizers(layer)
         pos_NT = _row_positions(self.lengths, H, T)
-        new_k = _scatter_rows(self.k[layer], k_quantizer.quantize(heads_to_rows(k_BTHD)), pos_NT)
-        new_v = _scatter_rows(self.v[layer], v_quantizer.quantize(heads_to_rows(v_BTHD)), pos_NT)
-        cache = self.replace(k=_replace_at(self.k, layer, new_k),
-                             v=_replace_at(self.v, layer, new_v))
+        new_k = _scatter_rows(self.k[layer], k_quantizer.quantize(k_NTD), pos_NT)
+        new_v = _scatter_rows(self.v[layer], v_quantizer.quantize(v_NTD), pos_NT)
+        cache = cache.replace(k=_replace_at(self.k, layer, new_k),
+                              v=_replace_at(self.v, layer, new_v))
         return cache if self.window_pos is None else cache._write_window(layer, k_BTHD, v_BTHD)
 
     def _write_window(self, layer: int, k_BTHD, v_BTHD) -> TurboQuantCache:
@@ -278,29 +333,62 @@ class TurboQuantCache:
             window_pos=_scatter_rows(self.window_pos, pos_BT, slot_BT),
         )
 
-    def attend(self, layer: int, q_BTHD, q_positions_BT):
+    def attend(self, layer: int, q_BTHD, q_positions_BT, k_BTHD, v_BTHD):
+        """Attention of the chunk's queries over the stored positions (< lengths, from codes
+        or the window) and the chunk's own exact k_BTHD, v_BTHD (the ones just written)."""
         B, T, H, D = q_BTHD.shape
-        S = self.max_len
         k_quantizer, v_quantizer = self.quantizers(layer)
-        q_NTD = heads_to_rows(q_BTHD)
-        scores_NTS = k_quantizer.scores(k_quantizer.prepare_query(q_NTD), self.k[layer])
-        mask_BTS = causal_mask(q_positions_BT, S)
-        if self.window_pos is not None:  # the window's W exact keys after the S coded ones
-            held_BS = self.window_pos[:, jnp.arange(S) % self.window] == jnp.arange(S)
-            exact_NTW = jnp.einsum("NTD,NWD->NTW", q_NTD, self.k_window[layer],
-                                   preferred_element_type=jnp.float32)
-            scores_NTS = jnp.concatenate([scores_NTS, exact_NTW], axis=-1)
-            mask_BTS = jnp.concatenate(
-                [mask_BTS & ~held_BS[:, None, :],
-                 self.window_pos[:, None, :] <= q_positions_BT[:, :, None]], axis=-1)
-        probs_BHTS = masked_softmax((scores_NTS * D**-0.5).reshape(B, H, T, -1), mask_BTS)
-        probs_NTS = probs_BHTS.reshape(B * H, T, -1)
-        out_NTD = v_quantizer.weighted_sum(probs_NTS[..., :S], self.v[layer])
+        q_NTD = heads_to_rows(q_BTHD).astype(jnp.float32)
+        pos_NT1 = _rows_of(q_positions_BT, H)[:, :, None]
+        start_N11 = _rows_of(self.lengths, H)[:, None, None]  # positions below are stored
+        # Exact keys: the chunk (causal) and the window's slots holding stored positions.
+        keys_NSD = heads_to_rows(k_BTHD)
+        values_NSD = heads_to_rows(v_BTHD)
+        exact_pos_NS = start_N11[:, 0] + jnp.arange(T)[None, :]
+        window_pos_NW = None
         if self.window_pos is not None:
-            v_window = self.v_window[layer]
-            out_NTD = out_NTD + jnp.einsum("NTW,NWD->NTD", probs_NTS[..., S:].astype(
-                v_window.dtype), v_window, preferred_element_type=jnp.float32)
+            window_pos_NW = _rows_of(self.window_pos, H)
+            keys_NSD = jnp.concatenate([keys_NSD, self.k_window[layer].astype(keys_NSD.dtype)], 1)
+            values_NSD = jnp.concatenate(
+                [values_NSD, self.v_window[layer].astype(values_NSD.dtype)], 1)
+            # a slot counts if it holds a stored position (< lengths): the chunk is above
+            exact_pos_NS = jnp.concatenate(
+                [exact_pos_NS, jnp.where(window_pos_NW < start_N11[:, 0], window_pos_NW,
+                                         _EMPTY)], 1)
+        exact_NTS = jnp.einsum("NTD,NSD->NTS", q_NTD, keys_NSD.astype(jnp.float32),
+                               preferred_element_type=jnp.float32) * D**-0.5
+        m_NT, l_NT, acc = self._coded_prefix(layer, k_quantizer, v_quantizer, q_NTD, pos_NT1,
+                                             start_N11, window_pos_NW)
+        probs_NTS, rescale_NT, _, l_NT = _combine(
+            m_NT, l_NT, exact_NTS, exact_pos_NS[:, None, :] <= pos_NT1)
+        out_NTD = (v_quantizer.finish_sum(acc) * rescale_NT[..., None]
+                   + jnp.einsum("NTS,NSD->NTD", probs_NTS, values_NSD.astype(jnp.float32),
+                                preferred_element_type=jnp.float32)) / l_NT[..., None]
         return rows_to_heads(out_NTD, B).astype(q_BTHD.dtype)
+
+    def _coded_prefix(self, layer, k_quantizer, v_quantizer, q_NTD, pos_NT1, start_N11,
+                      window_pos_NW):
+        """Softmax pieces over the codes of the stored positions (< lengths): (max [N, T],
+        normaliser [N, T], v_quantizer.rotated_sum of the unnormalised probabilities). Skipped
+        while no row has any (a prefill)."""
+        N, T, D = q_NTD.shape
+        pos_S = jnp.arange(self.max_len)
+        nothing = (jnp.full((N, T), jnp.finfo(jnp.float32).min), jnp.zeros((N, T)))  # m, l
+
+        def coded(_):
+            mask_NTS = (pos_S < start_N11) & (pos_S <= pos_NT1)
+            if window_pos_NW is not None:  # slot p % W still holds p: read exactly there
+                held_NS = window_pos_NW[:, pos_S % self.window] == pos_S
+                mask_NTS &= ~held_NS[:, None, :]
+            scores_NTS = k_quantizer.scores(k_quantizer.prepare_query(q_NTD), self.k[layer])
+            probs_NTS, _, m_NT, l_NT = _combine(*nothing, scores_NTS * D**-0.5, mask_NTS)
+            return m_NT, l_NT, v_quantizer.rotated_sum(probs_NTS, self.v[layer])
+
+        def empty(_):
+            acc = jax.eval_shape(coded, None)[2]
+            return (*nothing, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), acc))
+
+        return jax.lax.cond(jnp.max(self.lengths) > 0, coded, empty, None)
 
     def advance(self, num_tokens: int) -> TurboQuantCache:
         return self.replace(lengths=self.lengths + num_tokens)
@@ -327,11 +415,16 @@ def init_turboquant_cache(config: GPTConfig, batch: int, max_len: int,
         lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(quantizer.quantize, rows))
     W = min(tq_config.window, max_len)
     window = lambda: tuple(jnp.zeros((N, W, D), dtype) for _ in layers) if W else ()
+    selects = tq_config.outlier_select != "first"
+    perms = lambda spec: tuple(  # chosen at each row's first write; channel order until then
+        jnp.broadcast_to(jnp.arange(D, dtype=jnp.int32), (N, 1, D)) for _ in layers
+    ) if selects and isinstance(spec, OutlierSplit) else ()
     return TurboQuantCache(
         k=tuple(zeros(k) for k, _ in layers), v=tuple(zeros(v) for _, v in layers),
         lengths=jnp.zeros((batch,), jnp.int32),
         k_window=window(), v_window=window(),
         window_pos=jnp.full((batch, W), _EMPTY, jnp.int32) if W else None,
+        k_perm=perms(tq_config.key_spec), v_perm=perms(tq_config.value_spec),
         tq=tq_config, head_dim=D,
     )
 

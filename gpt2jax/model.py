@@ -180,7 +180,7 @@ class Attention(nn.Module):
             )
         else:
             cache = cache.write(layer, k_BTHD, v_BTHD)
-            out_BTHD = cache.attend(layer, q_BTHD, positions_BT)
+            out_BTHD = cache.attend(layer, q_BTHD, positions_BT, k_BTHD, v_BTHD)
         y = Linear(D, c, _residual_init(c), name="c_proj")(out_BTHD.reshape(B, T, D))
         return nn.Dropout(c.dropout, deterministic=self.deterministic)(y), cache
 

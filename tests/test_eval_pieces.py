@@ -34,10 +34,10 @@ def test_queries_and_keys_are_what_attention_caches(pos):
 def test_token_by_token_float_cache_equals_one_forward():
     params = init_params(CONFIG, jax.random.key(0))
     windows = jax.random.randint(jax.random.key(2), (3, 24), 0, CONFIG.vocab_size)
-    cached = kv_quant.cached_nll(params, windows, CONFIG, "float32")
-    np.testing.assert_allclose(cached, kv_quant.reference_nll(params, windows, CONFIG),
+    cached = kv_quant.cached_nll(params, windows, CONFIG, "float32", prompt=8)
+    np.testing.assert_allclose(cached, kv_quant.reference_nll(params, windows, CONFIG, 8),
                                atol=1e-4)
-    quantized = kv_quant.cached_nll(params, windows, CONFIG, TurboQuantConfig(bits=2))
+    quantized = kv_quant.cached_nll(params, windows, CONFIG, TurboQuantConfig(bits=2), 8)
     assert not np.allclose(quantized, cached, atol=1e-4)  # the codes are what is read
 
 
@@ -45,13 +45,13 @@ def test_score_error_shrinks_with_bits():
     params = init_params(CONFIG, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(3), (2, 32), 0, CONFIG.vocab_size)
     qk = kv_quant.queries_and_keys(params, CONFIG, tokens)
-    errors = [kv_quant.score_error(qk, TurboQuantConfig(bits=b))["score_rel_rmse"]
+    errors = [kv_quant.score_error(qk, CONFIG, TurboQuantConfig(bits=b))["score_rel_rmse"]
               for b in (1, 2, 3, 4)]
     assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
     # SPECS §1.4: the relative MSE of a b-bit code is D_mse(b) (0.36, 0.117, 0.03, 0.009 at
     # d=64); a score error is that distortion seen through q, so of order sqrt(D_mse)
     assert 0.3 < errors[0] < 0.9 and errors[3] < 0.15
-    exact = kv_quant.score_error(qk, TurboQuantConfig(bits=4))
+    exact = kv_quant.score_error(qk, CONFIG, TurboQuantConfig(bits=4))
     assert 0 <= exact["attention_tv"] < 0.1
     assert jnp.isfinite(exact["score_rel_rmse"])
 

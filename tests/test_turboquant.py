@@ -198,12 +198,13 @@ def _quantizers():
         "mse3": tq.make_quantizer(3, D, kind="mse", seed=1),
         "prod3": tq.make_quantizer(3, D, kind="prod", seed=1),
         "prod1": tq.make_quantizer(1, D, kind="prod", seed=1),
+        "mse3_unbiased": tq.make_quantizer(3, D, kind="mse", seed=1, unbiased=True),
         "split": tq.make_quantizer(tq.OutlierSplit(16, 3, 2), D, kind="prod", seed=1,
                                    perm=jax.random.permutation(jax.random.key(5), D)),
     }
 
 
-@pytest.mark.parametrize("name", ["mse3", "prod3", "prod1", "split"])
+@pytest.mark.parametrize("name", ["mse3", "prod3", "prod1", "mse3_unbiased", "split"])
 def test_scores_and_weighted_sum_from_codes_equal_dequantized(name):
     quantizer = _quantizers()[name]
     k = jax.random.split(jax.random.key(40), 4)
@@ -223,6 +224,31 @@ def test_scores_and_weighted_sum_from_codes_equal_dequantized(name):
     scores, scores_ref, out, out_ref = run(quantizer, x_BTD, q_BQD, w_BQT)
     np.testing.assert_allclose(scores, scores_ref, atol=2e-6 * float(jnp.max(jnp.abs(scores_ref))))
     np.testing.assert_allclose(out, out_ref, atol=2e-6 * float(jnp.max(jnp.abs(out_ref))))
+
+
+@pytest.mark.parametrize("bits", [1, 3])
+def test_unbiased_scale_keeps_the_projection_on_x_and_undoes_the_shrink(bits):
+    k = jax.random.split(jax.random.key(41), 2)
+    x = jax.random.normal(k[0], (4000, D)) * 3
+    y = jax.random.normal(k[1], (4000, D))
+    plain, unbiased = (tq.make_quantizer(bits, D, unbiased=u) for u in (False, True))
+    # <x, x~> = ||x||^2 per vector, up to the float16 rounding of the stored scale
+    x_hat = _round_trip(unbiased, x)
+    np.testing.assert_allclose(jnp.sum(x * x_hat, -1), jnp.sum(x * x, -1), rtol=2e-3)
+
+    def slope(quantizer):  # least squares <y, x~> ~ s <y, x> over the pairs
+        exact, approx = jnp.sum(y * x, -1), jnp.sum(y * _round_trip(quantizer, x), -1)
+        return float(jnp.sum(exact * approx) / jnp.sum(exact * exact))
+
+    shrink = 1 - tq.mse_distortion(D, bits)  # SPECS §1.5: 0.64 at 1 bit, 0.97 at 3
+    assert slope(plain) == pytest.approx(shrink, abs=0.03)
+    assert abs(slope(unbiased) - 1) < abs(slope(plain) - 1) / 2
+
+
+def test_quarter_split_is_the_papers_recipe():
+    assert tq.quarter_split(2, 64) == tq.OutlierSplit(16, 3, 2)
+    assert tq.quarter_split(3, 128) == tq.OutlierSplit(32, 4, 3)
+    assert tq.bits_per_value(tq.quarter_split(2, 128), 128) == 2.5  # the paper's "2.5 bits"
 
 
 def test_zero_vector_and_bfloat16_input():
@@ -390,6 +416,9 @@ def test_config_specs():
     (lambda: tq.TurboQuantConfig(key_quantizer="qjl"), r"key_quantizer='qjl' is invalid"),
     (lambda: tq.TurboQuantConfig(value_bits=5), r"value_bits=5 is invalid"),
     (lambda: tq.TurboQuantConfig(window=-1), r"window=-1 is invalid"),
+    (lambda: tq.TurboQuantConfig(outlier_select="rms"), r"outlier_select='rms' is invalid"),
+    (lambda: tq.TurboQuantConfig(unbiased=1), r"unbiased=1 is invalid"),
+    (lambda: tq.quarter_split(4, D), r"bits=4 has no wider split"),
     (lambda: tq.TurboQuantConfig(seed=-2), r"seed=-2 is invalid"),
     (lambda: tq.TurboQuantConfig(outlier=(16, 3, 2)), r"outlier=\(16, 3, 2\) is invalid"),
     (lambda: tq.TurboQuantConfig(bits=3, outlier=tq.OutlierSplit(16, 3, 2)),

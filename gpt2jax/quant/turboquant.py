@@ -48,6 +48,9 @@ from scipy import integrate, special
 BITS = (1, 2, 3, 4)
 KEY_QUANTIZERS = ("mse", "prod")
 NORM_DTYPES = ("float16", "float32")
+# which channels an OutlierSplit widens: the prompt's highest-RMS channels per (sequence,
+# layer, head) or per (sequence, layer), or channels 0..n-1 (no selection, for comparison)
+OUTLIER_SELECT = ("head", "layer", "first")
 MIN_DIM = 2  # the coordinate density C_d (1 - t^2)^((d-3)/2) is a density only for d >= 2
 QJL_SCALE = math.sqrt(math.pi / 2)  # Q_qjl^{-1}(z) = QJL_SCALE / d * S^T z (SPECS §1.6)
 _HI = jax.lax.Precision.HIGHEST  # keep rotations in full float32 on accelerators too
@@ -243,6 +246,21 @@ def unpack_bits(packed, bits: int, n: int):
     return values.astype(jnp.uint8).reshape(*packed.shape[:-1], -1)[..., :n]
 
 
+def _lookup(centroids, idx):
+    """centroids[idx] of a symmetric codebook by selects on |rank|, which XLA fuses with the
+    unpacking: a gather made XLA:CPU write an int32 copy of the indices (4 bytes per code)
+    and a separate float32 codeword array before every scores/values product."""
+    half = centroids.shape[0] // 2
+    if half == 0:  # the 0-bit stage of a 1-bit TurboQuantProd: the centroid 0
+        return jnp.zeros(idx.shape, centroids.dtype)
+    upper = idx >= half
+    rank = jnp.where(upper, idx - half, half - 1 - idx)  # 0 = the centroids nearest 0
+    magnitude = jnp.full(idx.shape, centroids[half])
+    for r in range(1, half):
+        magnitude = jnp.where(rank == r, centroids[half + r], magnitude)
+    return jnp.where(upper, magnitude, -magnitude)
+
+
 # ---------------------------------------------------------------------------------------------
 # Quantized data
 
@@ -299,13 +317,17 @@ class TurboQuantMSE:
     boundaries: jax.Array  # [2^b - 1] float32
     bits: int = struct.field(pytree_node=False)
     norm_dtype: str = struct.field(pytree_node=False, default="float16")
+    # store ||x|| / <Pi u, c[idx]> instead of ||x||: <x, x~> = ||x||^2, so scores and value
+    # sums are not shrunk by (1 - D_mse) (SPECS §1.5's optional scale); same bytes
+    unbiased: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
-    def create(cls, d: int, bits: int, *, seed: Seed = 0, norm_dtype: str = "float16"):
-        return cls._create(d, _check_bits(bits), seed, norm_dtype)
+    def create(cls, d: int, bits: int, *, seed: Seed = 0, norm_dtype: str = "float16",
+               unbiased: bool = False):
+        return cls._create(d, _check_bits(bits), seed, norm_dtype, unbiased)
 
     @classmethod
-    def _create(cls, d, bits, seed, norm_dtype):
+    def _create(cls, d, bits, seed, norm_dtype, unbiased=False):
         """Also builds the 0-bit stage of a 1-bit TurboQuantProd."""
         centroids, boundaries = codebook(d, bits)
         return cls(
@@ -314,6 +336,7 @@ class TurboQuantMSE:
             boundaries=jnp.asarray(boundaries, jnp.float32),
             bits=bits,
             norm_dtype=_check_norm_dtype(norm_dtype),
+            unbiased=bool(unbiased),
         )
 
     @property
@@ -337,13 +360,16 @@ class TurboQuantMSE:
 
     def _codewords(self, codes: MSECodes):
         """Codebook vectors c[idx] [..., d] of the rotated unit vectors (no norm, no Pi^T)."""
-        return self.centroids[unpack_bits(codes.idx, self.bits, self.d)]
+        return _lookup(self.centroids, unpack_bits(codes.idx, self.bits, self.d))
 
     def _pack(self, idx, norm) -> MSECodes:
         return MSECodes(idx=pack_bits(idx, self.bits), norm=norm.astype(self.norm_dtype))
 
     def quantize(self, x) -> MSECodes:
-        _, idx, norm = self._encode(x)
+        y, idx, norm = self._encode(x)
+        if self.unbiased:  # <y, c[idx]> > 0 unless y = 0: each c has the sign of its cell
+            dot = jnp.sum(y * self.centroids[idx], axis=-1)
+            norm = norm / jnp.where(dot > 0, dot, 1)
         return self._pack(idx, norm)
 
     def dequantize(self, codes: MSECodes):
@@ -360,13 +386,18 @@ class TurboQuantMSE:
                           precision=_HI)
         return dots * codes_T.norm.astype(jnp.float32)[..., None, :]
 
-    def _rotated_sum(self, weights_QT, codes_T: MSECodes):
+    def rotated_sum(self, weights_QT, codes_T: MSECodes):
+        """sum_t w_qt ||x_t|| c[idx_t] [..., Q, d]: partial sums add up (blocks of T), then
+        `finish_sum` rotates back once."""
         scaled = weights_QT * codes_T.norm.astype(jnp.float32)[..., None, :]
         return jnp.einsum("...qt,...td->...qd", scaled, self._codewords(codes_T), precision=_HI)
 
+    def finish_sum(self, acc):
+        return self.unrotate(acc)
+
     def weighted_sum(self, weights_QT, codes_T: MSECodes):
         """sum_t w_qt x~_t [..., Q, d]: summed in the rotated space, rotated back once."""
-        return self.unrotate(self._rotated_sum(weights_QT, codes_T))
+        return self.finish_sum(self.rotated_sum(weights_QT, codes_T))
 
 
 @struct.dataclass
@@ -430,13 +461,21 @@ class TurboQuantProd:
         return (self.mse.scores(prepared_QD.rotated, codes_T.mse)
                 + qjl * self._qjl_scale(codes_T)[..., None, :])
 
-    def weighted_sum(self, weights_QT, codes_T: ProdCodes):
-        """sum_t w_qt x~_t [..., Q, d]: one S^T and one Pi^T product per query."""
+    def rotated_sum(self, weights_QT, codes_T: ProdCodes):
+        """(MSE part, signs part), each [..., Q, d]: partial sums that add up."""
         signs_sum = jnp.einsum("...qt,...td->...qd",
                                weights_QT * self._qjl_scale(codes_T)[..., None, :],
                                self._signs(codes_T), precision=_HI)
-        return self.mse.unrotate(self.mse._rotated_sum(weights_QT, codes_T.mse)
-                                 + self._unproject(signs_sum))
+        return self.mse.rotated_sum(weights_QT, codes_T.mse), signs_sum
+
+    def finish_sum(self, acc):
+        """One S^T and one Pi^T product per query."""
+        mse_sum, signs_sum = acc
+        return self.mse.unrotate(mse_sum + self._unproject(signs_sum))
+
+    def weighted_sum(self, weights_QT, codes_T: ProdCodes):
+        """sum_t w_qt x~_t [..., Q, d]."""
+        return self.finish_sum(self.rotated_sum(weights_QT, codes_T))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -485,7 +524,7 @@ class TurboQuantSplit:
 
     @classmethod
     def create(cls, d: int, split: OutlierSplit, *, kind: str = "mse", seed: Seed = 0,
-               norm_dtype: str = "float16", perm=None):
+               norm_dtype: str = "float16", perm=None, unbiased: bool = False):
         """`perm` defaults to "the first n_outlier channels"; pass `outlier_permutation(...)`."""
         d = _check_dim(d)
         split.check(d)
@@ -496,9 +535,9 @@ class TurboQuantSplit:
         return cls(
             perm=perm,
             outlier=make_quantizer(split.bits_outlier, split.n_outlier, kind=kind,
-                                   seed=(*seed, 0), norm_dtype=norm_dtype),
+                                   seed=(*seed, 0), norm_dtype=norm_dtype, unbiased=unbiased),
             regular=make_quantizer(split.bits_regular, d - split.n_outlier, kind=kind,
-                                   seed=(*seed, 1), norm_dtype=norm_dtype),
+                                   seed=(*seed, 1), norm_dtype=norm_dtype, unbiased=unbiased),
         )
 
     @property
@@ -531,24 +570,32 @@ class TurboQuantSplit:
         return (self.outlier.scores(prepared_QD.outlier, codes_T.outlier)
                 + self.regular.scores(prepared_QD.regular, codes_T.regular))
 
+    def rotated_sum(self, weights_QT, codes_T: SplitCodes):
+        return (self.outlier.rotated_sum(weights_QT, codes_T.outlier),
+                self.regular.rotated_sum(weights_QT, codes_T.regular))
+
+    def finish_sum(self, acc):
+        return self._merge(self.outlier.finish_sum(acc[0]), self.regular.finish_sum(acc[1]))
+
     def weighted_sum(self, weights_QT, codes_T: SplitCodes):
-        return self._merge(self.outlier.weighted_sum(weights_QT, codes_T.outlier),
-                           self.regular.weighted_sum(weights_QT, codes_T.regular))
+        return self.finish_sum(self.rotated_sum(weights_QT, codes_T))
 
 
 def make_quantizer(bits: int | OutlierSplit, d: int, *, kind: str = "mse", seed: Seed = 0,
-                   norm_dtype: str = "float16", perm=None):
+                   norm_dtype: str = "float16", perm=None, unbiased: bool = False):
     """TurboQuantMSE / TurboQuantProd for integer bits, TurboQuantSplit for an OutlierSplit
-    (whose channel order `perm` is described in `TurboQuantSplit.create`)."""
+    (whose channel order `perm` is described in `TurboQuantSplit.create`). `unbiased`
+    rescales mse codes (`TurboQuantMSE.unbiased`); prod codes are unbiased already."""
     if kind not in KEY_QUANTIZERS:
         raise ValueError(f"kind={kind!r} is invalid: choose one of {KEY_QUANTIZERS}")
     if isinstance(bits, OutlierSplit):
         return TurboQuantSplit.create(d, bits, kind=kind, seed=seed, norm_dtype=norm_dtype,
-                                      perm=perm)
+                                      perm=perm, unbiased=unbiased)
     if perm is not None:
         raise ValueError(f"perm is given but bits={bits!r} has no outlier split: drop perm")
-    cls = TurboQuantMSE if kind == "mse" else TurboQuantProd
-    return cls.create(d, bits, seed=seed, norm_dtype=norm_dtype)
+    if kind == "prod":
+        return TurboQuantProd.create(d, bits, seed=seed, norm_dtype=norm_dtype)
+    return TurboQuantMSE.create(d, bits, seed=seed, norm_dtype=norm_dtype, unbiased=unbiased)
 
 
 def bits_per_value(bits: int | OutlierSplit, d: int, *, kind: str = "mse", norm_bits: int = 16,
@@ -574,6 +621,16 @@ def bits_per_value(bits: int | OutlierSplit, d: int, *, kind: str = "mse", norm_
     return total / d
 
 
+def quarter_split(bits: int, d: int) -> OutlierSplit:
+    """The paper's recipe: a quarter of the channels at bits + 1, the rest at bits (d=64:
+    16@3 + 48@2 for bits=2, 2.25 code bits and 2.75 with its two float16 norms)."""
+    d = _check_dim(d)
+    if _check_bits(bits) == BITS[-1]:
+        raise ValueError(f"bits={bits} has no wider split: the outliers would need "
+                         f"{bits + 1} bits, use bits <= {BITS[-2]}")
+    return OutlierSplit(max(d // 4, MIN_DIM), bits + 1, bits)
+
+
 def split_for_rate(rate: float, d: int) -> OutlierSplit:
     """The split whose payload is exactly `rate` code bits per coordinate: the channels above
     floor(rate) get one more bit (2.5 at d=64 -> 32@3 + 32@2; 3.5 -> 32@4 + 32@3)."""
@@ -597,7 +654,9 @@ class TurboQuantConfig:
     """What a TurboQuant KV cache stores. Keys use `key_quantizer`; values are always mse.
 
     `outlier` splits the channels of keys (and of values when value_bits is None); `bits` must
-    then equal outlier.bits_regular. `window` = most recent tokens kept in full precision."""
+    then equal outlier.bits_regular; `outlier_select` says which channels are the outliers
+    (OUTLIER_SELECT; the cache picks them from the prompt). `window` = most recent tokens kept
+    in full precision. `unbiased`: mse codes store the unshrinking scale (TurboQuantMSE)."""
 
     bits: int = 3
     key_quantizer: str = "mse"
@@ -606,6 +665,8 @@ class TurboQuantConfig:
     seed: int = 0
     window: int = 0
     norm_dtype: str = "float16"
+    outlier_select: str = "head"
+    unbiased: bool = False
 
     def __post_init__(self):
         _check_bits(self.bits)
@@ -626,6 +687,11 @@ class TurboQuantConfig:
                     f"bits={self.bits} conflicts with outlier.bits_regular="
                     f"{self.outlier.bits_regular}: set bits to the regular channels' bits"
                 )
+        if self.outlier_select not in OUTLIER_SELECT:
+            raise ValueError(f"outlier_select={self.outlier_select!r} is invalid: choose one "
+                             f"of {OUTLIER_SELECT}")
+        if not isinstance(self.unbiased, bool):
+            raise ValueError(f"unbiased={self.unbiased!r} is invalid: use True or False")
         _seed_tuple(self.seed)
         _check_int(self.window, "window", range(1 << 30),
                    "the full-precision window is a token count >= 0")
@@ -652,7 +718,7 @@ class TurboQuantConfig:
         self.check(d)
         seed = (self.seed, *stream)
         keys = make_quantizer(self.key_spec, d, kind=self.key_quantizer, seed=(*seed, 0),
-                              norm_dtype=self.norm_dtype)
+                              norm_dtype=self.norm_dtype, unbiased=self.unbiased)
         values = make_quantizer(self.value_spec, d, kind="mse", seed=(*seed, 1),
-                                norm_dtype=self.norm_dtype)
+                                norm_dtype=self.norm_dtype, unbiased=self.unbiased)
         return keys, values
