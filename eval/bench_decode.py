@@ -65,6 +65,7 @@ LENGTHS = (64, 128, 256, 512, 1024)
 QUICK_LENGTHS = (64, 128)
 BATCHES = (1, 8)
 HEADLINE, QUICK_HEADLINE = (32, 128), (32, 32)  # prompt tokens, new tokens
+NOCACHE_HEADLINE_NEW = 32  # recompute is ~10x slower: 128 new tokens x 6 calls took 6 min
 NOCACHE_NEW = 4
 NOCACHE_MAX_LENGTH_B8 = 256
 ROUNDS = 5  # timed calls per side and cell; the median counts
@@ -206,7 +207,7 @@ def int8_variants(params) -> dict:
     return {tag: int8.quantize(params, **kwargs) for tag, kwargs in INT8.items()}
 
 
-def run(preset: str, quick: bool, ckpt: str | None = None) -> dict:
+def run(preset: str, quick: bool, ckpt: str | None = None, lengths=None) -> dict:
     import torch
     import transformers
 
@@ -218,7 +219,8 @@ def run(preset: str, quick: bool, ckpt: str | None = None) -> dict:
     else:
         config = GPTConfig.preset(preset)
         params = init_params(config, jax.random.key(0))
-    lengths = [n for n in (QUICK_LENGTHS if quick else LENGTHS) if n <= config.block_size]
+    lengths = [n for n in (lengths or (QUICK_LENGTHS if quick else LENGTHS))
+               if n <= config.block_size]
     batches = BATCHES[:1] if quick else BATCHES
     rng = np.random.default_rng(0)
     prompt = lambda B, P: rng.integers(0, config.vocab_size, (B, P))
@@ -248,11 +250,13 @@ def run(preset: str, quick: bool, ckpt: str | None = None) -> dict:
     tq_sides = {tag: Ours(config, params, f"gpt2jax_{tag}", tq) for tag, tq in TURBOQUANT.items()}
 
     P, N = QUICK_HEADLINE if quick else HEADLINE
-    results.update(headline_prompt=P, headline_new_tokens=N)
+    results.update(headline_prompt=P, headline_new_tokens=N,
+                   nocache_headline_new_tokens=min(N, NOCACHE_HEADLINE_NEW), lengths=lengths)
     headline_prompts = {B: prompt(B, P) for B in batches}
     jobs = [("headline", (ours, *hf_sides, *int8_sides, *tq_sides.values()),
              headline_prompts[1], True, N),
-            ("headline", (ours, hf_sides[0]), headline_prompts[1], False, N)]
+            ("headline", (ours, hf_sides[0]), headline_prompts[1], False,
+             min(N, NOCACHE_HEADLINE_NEW))]
     if 8 in batches:
         jobs.append(("headline", (ours, *hf_sides, *int8_sides), headline_prompts[8], True, N))
     for B in batches:
@@ -362,7 +366,8 @@ def format_table(r: dict) -> str:
         f"{bw['matvec_GBps']:.1f}); weights read per step {r['weight_bytes_per_step'] / 1e6:.0f}"
         f" MB -> batch-1 bound {r['bound_tok_s_batch1']:.1f} tok/s",
         "",
-        f"headline: prompt {P} + {N} new (end to end)",
+        f"headline: prompt {P} + {N} new, without the cache {r['nocache_headline_new_tokens']} "
+        "(end to end)",
         f"  gpt2jax cache    {r['gpt2jax_cache_tok_s']:8.1f} tok/s "
         f"({100 * r['bound_fraction']:.0f}% of the bound, "
         f"compile {r['gpt2jax_cache_compile_s']:.1f} s)",
@@ -497,6 +502,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="baby preset, lengths 64 and 128")
     parser.add_argument("--ckpt", help="a checkpoint's weights instead of random ones (an "
                         "int8 one is dequantized for the float32 side)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help=f"sweep lengths (default {' '.join(map(str, LENGTHS))})")
     parser.add_argument("--readme", action="store_true",
                         help="write the README's decode table from the JSON (no benchmark run)")
     args = parser.parse_args(argv)
@@ -508,7 +515,7 @@ def main(argv=None) -> int:
         common.write_readme_block("bench_decode", readme_table(json.loads(json_path.read_text())))
         print(f"wrote the README's decode table from {json_path}")
         return 0
-    results = run(preset, args.quick, args.ckpt)
+    results = run(preset, args.quick, args.ckpt, args.lengths)
     print(format_table(results))
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))
