@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from eval import verdicts
 from eval.common import (
     parse_experiment_args,
     perplexity,
@@ -228,8 +229,7 @@ def run(quick: bool, out: Path, work: Path, ckpt: str | None = None) -> dict:
 def verdict(result: dict) -> dict:
     rows = result["rows"]
     three = rows["tq3-mse"]
-    lossless = {n: r for n, r in rows.items() if n.startswith("tq")
-                and r["delta_loss_pct"] < 0.1 and r["greedy_match"] >= 0.99}
+    lossless = {n: r for n, r in rows.items() if n.startswith("tq") and verdicts.lossless(r)}
     best = max(lossless.items(), key=lambda kv: kv[1]["compression_vs_fp16"], default=None)
     summary = (f"At 3 bits (mse keys) the cache is {three['compression_vs_fp16']:.1f}× smaller "
                f"than a float16 cache, val loss moves {three['delta_loss_pct']:+.2f}% and "
@@ -240,10 +240,7 @@ def verdict(result: dict) -> dict:
                     f"{best[0]} ({best[1]['compression_vs_fp16']:.1f}× vs float16).")
     else:
         summary += "No TurboQuant setting stayed within 0.1% loss and 99% greedy agreement."
-    zero_loss_at_3 = three["delta_loss_pct"] < 0.1 and three["greedy_match"] >= 0.99
-    five_x = three["compression_vs_fp16"] >= 4.5
-    return {"summary": summary, "verdict": "holds" if zero_loss_at_3 and five_x else
-            "holds in part" if best or five_x else "does not hold"}
+    return {"summary": summary, "verdict": verdicts.turboquant(rows).outcome}
 
 
 def table(result: dict) -> str:

@@ -28,6 +28,7 @@ from eval.common import (
     train_variant,
     write_json,
 )
+from eval.verdicts import UNIGRAM_LOSS
 from gpt2jax.config import GPTConfig
 from gpt2jax.model import init_params
 from train import TrainConfig
@@ -36,7 +37,6 @@ from train.step import token_losses
 
 PLACEMENTS = ("pre", "post", "deepnorm")
 LRS = (3e-4, 1e-3, 3e-3)
-UNIGRAM_LOSS = 6.52  # Tiny Shakespeare's unigram entropy (nats): above it, nothing was learned
 LONG = {"lr": 1e-3, "warmup_steps": 50, "steps_factor": 5}
 
 

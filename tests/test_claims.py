@@ -11,7 +11,8 @@ import sys
 
 from conftest import DATA_DIR, REPO
 
-from eval.claims import CLAIMS, VERDICTS
+from eval.claims import CLAIMS
+from eval.verdicts import VERDICTS
 
 
 def test_quick_report_has_six_sections_with_numbers_plots_and_verdicts(tmp_path):
