@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 
 import gpt2jax
 from gpt2jax import lora
@@ -245,9 +246,9 @@ def test_gradients_reach_a_and_b_through_dropout(base_params):
 @pytest.mark.parametrize("rslora", [False, True])
 @pytest.mark.parametrize("targets", [("c_attn.qv",), ALL_TARGETS])
 def test_peft_loads_the_same_adapters(tmp_path, base_params, rslora, targets):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    torch = require("torch")
+    transformers = require("transformers")
+    peft = require("peft")
     from gpt2jax import hf
 
     adapters = _randomize_b(lora.init(lora.LoRAConfig(4, 16, targets, rslora=rslora), BASE,
@@ -271,8 +272,8 @@ def test_peft_loads_the_same_adapters(tmp_path, base_params, rslora, targets):
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory):
     """A random-init transformers GPT-2 of BASE's shape, saved, and read through hf.load."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     from gpt2jax import hf
 
     torch.manual_seed(0)
