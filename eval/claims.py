@@ -70,7 +70,7 @@ def render_lora(results: dict[str, dict]) -> Section:
     rows = [[run["method"], run["rank"], f"{run['scale']:.4g}", f"{run['trainable']:,}",
              fmt_seeds(per_seed(run), 4), f"{r['base_val_loss'] - run['val_loss']:+.4f}",
              _f(run["delta_norm"], 3)] for run in r["runs"]]
-    lo, hi = rules.LORA_LOW_RANK, rules.LORA_HIGH_RANK
+    lo, hi = min(by["lora"]), max(by["lora"])
     norms = {m: {run["rank"]: run["delta_norm"] for run in r["runs"] if run["method"] == m}
              for m in by}
     gap = rules.difference(by["rslora"][hi], by["lora"][hi])
@@ -82,7 +82,8 @@ def render_lora(results: dict[str, dict]) -> Section:
            f"is {gap.delta:+.4f} nats (margin {gap.margin:.4f}; the base starts at "
            f"{_f(r['base_val_loss'])}).")
     how = (f"A base ({r['base']}) trained on the first 80% of Tiny Shakespeare is fine-tuned "
-           f"on the last 20% (unseen plays) with adapters on q and v at ranks 4–256, "
+           f"on the last 20% (unseen plays) with adapters on q and v at ranks "
+           f"{', '.join(str(k) for k in sorted(by['lora']))}, "
            f"alpha {plan['alpha']}, lr {plan['lr']}, {plan['steps']} steps of "
            f"{plan['batch_size']}×{r['block_size']} tokens, same data order, through "
            f"`python -m train --lora-rank`. Val loss on the held-out part; ‖ΔW‖ = ‖s·A·B‖_F.")
@@ -159,8 +160,7 @@ def render_norms(results: dict[str, dict]) -> Section:
     rows = []
     for placement in PLACEMENTS:
         for warmup in sorted({run["warmup"] for run in r["runs"]}):
-            cells = {run["lr"]: "NaN" if run["diverged"] else _f(run["val_loss"], 3)
-                     for run in r["runs"]
+            cells = {run["lr"]: _fmt_losses(per_seed(run)) for run in r["runs"]
                      if (run["placement"], run["warmup"]) == (placement, warmup)}
             rows.append([placement, warmup, *(cells[lr] for lr in lrs)])
     long = {p: per_seed(r["long_runs"][p]) for p in PLACEMENTS}
@@ -187,8 +187,9 @@ def render_norms(results: dict[str, dict]) -> Section:
            f"ratio is {gpt2['post']:.2f}.")
     train = r["train"]
     m = train["model"]
-    how = (f"Per-layer gradient norms at init for pre-LN, post-LN and DeepNorm (depths 6 and "
-           f"12, width {r['grad_width']}); then a {m['n_layer']}-layer, {m['n_embd']}-dim model "
+    how = (f"Per-layer gradient norms at init for pre-LN, post-LN and DeepNorm (depths "
+           f"{' and '.join(r['init_grad_norms'])}, width {r['grad_width']}); then a "
+           f"{m['n_layer']}-layer, {m['n_embd']}-dim model "
            f"trained {train['max_steps']} steps of {train['batch_size']}×{m['block_size']} "
            f"tokens at each learning rate, with and without 50 warmup steps, no gradient "
            f"clipping; and each placement trained {r['long_steps']} steps. Final val loss.")

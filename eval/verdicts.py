@@ -117,15 +117,14 @@ def _holds(ok: bool) -> str:
 
 # ---------------------------------------------------------------------------- 1. LoRA vs rsLoRA
 
-LORA_LOW_RANK, LORA_HIGH_RANK = 4, 256
-
 
 def lora_vs_rslora(lora: Mapping[int, Sequence[float]],
                    rslora: Mapping[int, Sequence[float]]) -> Verdict:
-    """Val losses per rank (per seed). Parts: rsLoRA improves from the low to the high rank;
-    LoRA does not; rsLoRA beats LoRA at the high rank. LoRA stalling is no evidence alone
-    (an adapter that learns nothing stalls too), so "in part" needs one rsLoRA part."""
-    lo, hi = LORA_LOW_RANK, LORA_HIGH_RANK
+    """Val losses per rank (per seed). Parts: rsLoRA improves from the lowest rank to the
+    highest; LoRA does not; rsLoRA beats LoRA at the highest rank. LoRA stalling is no
+    evidence alone (an adapter that learns nothing stalls too), so "in part" needs one rsLoRA
+    part."""
+    lo, hi = min(lora), max(lora)
     parts = {
         "rsLoRA improves with rank": _holds(difference(rslora[hi], rslora[lo]).sign < 0),
         "LoRA stops improving with rank": _holds(difference(lora[hi], lora[lo]).sign >= 0),
@@ -276,10 +275,11 @@ def int8_norms(saved_bytes: int, int8_bytes: int, skipped_delta_pct: float,
 # ---------------------------------------------------------------------------- the rules in words
 
 RULES = {
-    "lora": (f"holds if rsLoRA's val loss at rank {LORA_HIGH_RANK} is below its rank-"
-             f"{LORA_LOW_RANK} loss and below LoRA's at rank {LORA_HIGH_RANK}, and LoRA's is not "
-             f"below its rank-{LORA_LOW_RANK} loss; in part if some but not all hold, at least "
-             f"one of them an rsLoRA part"),
+    "lora": ("holds if rsLoRA's val loss at the highest rank is below its loss at the lowest "
+             "rank and below LoRA's at the highest, and LoRA's is not below its loss at the "
+             "lowest rank (differences beyond the seed margin, at least "
+             f"{LOSS_FLOOR} nats); in part if some but not all hold, at least one of them an "
+             "rsLoRA part"),
     "positions": (f"holds if RoPE's val loss is not above learned positions' and its loss past "
                   f"the training context rises by less than {EXTRAPOLATION_TOLERANCE} nats; in "
                   f"part if one of the two holds"),
