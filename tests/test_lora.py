@@ -66,7 +66,8 @@ def test_trainable_count_matches_the_lora_formula():
     config = GPTConfig.gpt2()
     shapes = jax.eval_shape(lambda: lora.init(lora.LoRAConfig(4, 32), config, jax.random.key(0)))
     n = sum(x.size for x in jax.tree_util.tree_leaves(shapes.tree))
-    assert n == 2 * 12 * 2 * 768 * 4 == 147_456  # SPECS §3.3: q and v, r = 4, 12 layers
+    # LoRA (arXiv:2106.09685) §5 / Table 3's GPT-2 setup: q and v, r = 4, 12 layers
+    assert n == 2 * 12 * 2 * 768 * 4 == 147_456
     params = jax.eval_shape(lambda: gpt2jax.init_params(config, jax.random.key(0)))
     counts = lora.count(shapes, params)
     assert counts["trainable"] == n
@@ -143,7 +144,8 @@ def test_scale_values():
 
 
 def test_rank_scaling_of_grad_b():
-    """SPECS §2.5: ||∇B|| ∝ s·sqrt(r): LoRA shrinks by sqrt(4/256) = 0.125, rsLoRA stays flat."""
+    """rsLoRA (arXiv:2312.03732) §3: ||∇B|| ∝ s·sqrt(r): LoRA shrinks by sqrt(4/256) = 0.125,
+    rsLoRA stays flat."""
     config = GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=4, n_embd=256)
     params = gpt2jax.init_params(config, jax.random.key(0))
     tokens = _tokens((4, 16), vocab=97)
