@@ -8,10 +8,11 @@ import json
 import re
 import shutil
 
+import pytest
 from conftest import REPO
 
 from eval import claims
-from eval.common import RESULTS, code_hash, run_key, write_readme_block
+from eval.common import RESULTS, code_hash, run_key, seeded, write_readme_block
 from eval.verdicts import VERDICTS
 from train import TrainConfig
 
@@ -91,3 +92,14 @@ def test_run_cache_keys_on_config_and_training_code(tmp_path):
     step = tmp_path / "train" / "step.py"
     step.write_text(step.read_text() + "\n# a fix\n")
     assert run_key(cfg, tmp_path) != key
+
+
+def test_seeded_arm_keeps_every_seed_and_the_first_seeds_curves():
+    rows = [{"val_loss": 5.0, "train_loss": [9.0, 5.0], "diverged": False},
+            {"val_loss": None, "train_loss": [9.0, float("nan")], "diverged": True},
+            {"val_loss": 5.2, "train_loss": [9.0, 5.2], "diverged": False}]
+    arm = seeded(rows, [0, 1, 2])
+    assert arm["val_losses"] == [5.0, None, 5.2] and arm["seeds"] == [0, 1, 2]
+    assert arm["val_loss"] == pytest.approx(5.1) and not arm["diverged"]
+    assert arm["train_loss"] == [9.0, 5.0]
+    assert seeded(rows[1:2], [1])["diverged"] and seeded(rows[1:2], [1])["val_loss"] is None
