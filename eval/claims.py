@@ -305,9 +305,15 @@ CLAIMS = (
 # ---------------------------------------------------------------------------- running
 
 
-def _argv(module: str, json_name: str, quick: bool, out: Path, work: Path) -> list[str]:
+TRAINS = ("eval.lora_rank_sweep", "eval.positions", "eval.tying", "eval.norms")  # --seeds
+
+
+def _argv(module: str, json_name: str, quick: bool, out: Path, work: Path,
+          seeds: int | None = None) -> list[str]:
     """The experiment's own CLI arguments for this run."""
     argv = ["--quick"] if quick else []
+    if seeds and module in TRAINS:
+        argv += ["--seeds", str(seeds)]
     if module == "eval.bench_decode":
         return argv + ["--json", str(out / json_name)]
     if module == "eval.quantization":  # quick: kv_quant's toy model, no second training
@@ -322,7 +328,8 @@ def command(module: str, quick: bool) -> str:
     return f"python -m {module}{' --quick' if quick else ''}"
 
 
-def run_experiments(quick: bool, out: Path, work: Path, rerun: bool) -> dict[str, float]:
+def run_experiments(quick: bool, out: Path, work: Path, rerun: bool,
+                    seeds: int | None = None) -> dict[str, float]:
     """Run each experiment whose JSON is missing (every one with --quick or --rerun)."""
     seconds = {}
     for claim in CLAIMS:
@@ -331,7 +338,8 @@ def run_experiments(quick: bool, out: Path, work: Path, rerun: bool) -> dict[str
                 continue
             print(f"==> {command(module, quick)}", flush=True)
             t = time.perf_counter()
-            importlib.import_module(module).main(_argv(module, json_name, quick, out, work))
+            importlib.import_module(module).main(
+                _argv(module, json_name, quick, out, work, seeds))
             seconds[module] = time.perf_counter() - t
     return seconds
 
@@ -383,6 +391,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, help="default eval/results (quick: eval/results/quick)")
     p.add_argument("--work", type=Path, help="training runs (default out/claims[_quick])")
     p.add_argument("--rerun", action="store_true", help="rerun experiments whose JSON exists")
+    p.add_argument("--seeds", type=int, help="seeds per arm of the training comparisons "
+                   "(default: each experiment's, 3; with --quick 1)")
     p.add_argument("--report-only", action="store_true",
                    help="write REPORT.md (and, for eval/results, the README's claims table) "
                    "from the JSON in --out; train nothing")
@@ -392,7 +402,8 @@ def main(argv=None) -> None:
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     work = args.work or Path("out") / f"claims{'_quick' if args.quick else ''}"
     out.mkdir(parents=True, exist_ok=True)
-    seconds = {} if args.report_only else run_experiments(args.quick, out, work, args.rerun)
+    seconds = {} if args.report_only else run_experiments(args.quick, out, work, args.rerun,
+                                                          args.seeds)
     (out / "REPORT.md").write_text(report(args.quick, out))
     # the README shows the committed full results, never a smoke test's or a scratch copy's
     readme = args.readme or (README if out.resolve() == RESULTS.resolve() else None)

@@ -131,25 +131,28 @@ def trailing_mean(values, max_window: int) -> tuple[np.ndarray, np.ndarray, int]
 
 
 def parse_experiment_args(prog: str, doc: str, quick_help: str, argv=None, *,
-                          work: Path | None = Path("out/claims"),
+                          work: Path | None = Path("out/claims"), seeds: bool = False,
                           more_arguments=None) -> argparse.Namespace:
-    """The flags every experiment takes (--quick, --out, --work), plus `more_arguments(p)`;
-    args.out defaults to eval/results, or eval/results/quick with --quick."""
+    """The flags every experiment takes (--quick, --out, --work), --seeds for those that
+    train comparisons, plus `more_arguments(p)`; args.out defaults to eval/results, or
+    eval/results/quick with --quick."""
     p = cli.ArgumentParser(prog, description=doc)  # one-line errors, --verbose
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out", type=Path, help="results folder (default eval/results; with "
                    "--quick eval/results/quick)")
     p.add_argument("--work", type=Path, default=work, help=f"training runs, reused when "
                    f"their config and code are unchanged (default {work})")
-    p.add_argument("--seeds", type=int, help="seeds per arm of every training comparison "
-                   f"(default {SEEDS}; with --quick 1)")
+    if seeds:
+        p.add_argument("--seeds", type=int, help="seeds per arm of every training comparison "
+                       f"(default {SEEDS}; with --quick 1)")
     if more_arguments is not None:
         more_arguments(p)
     args = p.parse_args(argv)
     args.out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
-    args.seeds = args.seeds or (1 if args.quick else SEEDS)
-    if args.seeds < 1:
-        p.error(f"--seeds {args.seeds}: need at least 1")
+    if seeds:
+        args.seeds = args.seeds or (1 if args.quick else SEEDS)
+        if args.seeds < 1:
+            p.error(f"--seeds {args.seeds}: need at least 1")
     return args
 
 

@@ -242,7 +242,7 @@ def table(result: dict) -> str:
 def main(argv=None) -> None:
     args = parse_experiment_args(
         "python -m eval.lora_rank_sweep", __doc__, "a 1-layer base, ranks 2 and 16, 3 steps each",
-        argv, work=None, more_arguments=lambda p: p.add_argument(
+        argv, work=None, seeds=True, more_arguments=lambda p: p.add_argument(
             "--base", help="ckpt:DIR or hf:DIR: a base to adapt instead of training one (it "
             "should not have seen the last 20%% of Tiny Shakespeare)"))
     work = args.work or Path("out") / f"lora_rank_sweep{'_quick' if args.quick else ''}"

@@ -216,7 +216,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_experiment_args("python -m eval.norms", __doc__,
-                                 "depth 2, one lr, 6 and 12 steps", argv)
+                                 "depth 2, one lr, 6 and 12 steps", argv, seeds=True)
     run(args.quick, args.out, args.work, args.seeds)
 
 

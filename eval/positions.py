@@ -157,7 +157,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_experiment_args("python -m eval.positions", __doc__,
-                                 "a 1-layer toy, 6 steps per scheme", argv)
+                                 "a 1-layer toy, 6 steps per scheme", argv, seeds=True)
     run(args.quick, args.out, args.work, args.seeds)
 
 

@@ -111,7 +111,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_experiment_args("python -m eval.tying", __doc__,
-                                 "a 1-layer toy for the training part", argv)
+                                 "a 1-layer toy for the training part", argv, seeds=True)
     run(args.quick, args.out, args.work, args.seeds)
 
 
