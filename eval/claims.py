@@ -54,6 +54,14 @@ def _md_table(header: list[str], rows: list[list]) -> str:
 PLACEMENTS = ("pre", "post", "deepnorm")
 
 
+def _fmt_losses(values: list[float | None], digits: int = 3) -> str:
+    """Per-seed val losses as mean ± sd, with the diverged seeds counted apart."""
+    finite = [x for x in values if x is not None]
+    nan = len(values) - len(finite)
+    text = fmt_seeds(finite, digits) if finite else "NaN"
+    return f"{text} ({nan} of {len(values)} NaN)" if finite and nan else text
+
+
 def _f(x, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -68,16 +76,16 @@ def render_lora(results: dict[str, dict]) -> Section:
           for m in ("lora", "rslora")}
     verdict = rules.lora_vs_rslora(by["lora"], by["rslora"])
     rows = [[run["method"], run["rank"], f"{run['scale']:.4g}", f"{run['trainable']:,}",
-             fmt_seeds(per_seed(run), 4), f"{r['base_val_loss'] - run['val_loss']:+.4f}",
+             _fmt_losses(per_seed(run), 4), f"{r['base_val_loss'] - run['val_loss']:+.4f}",
              _f(run["delta_norm"], 3)] for run in r["runs"]]
     lo, hi = min(by["lora"]), max(by["lora"])
     norms = {m: {run["rank"]: run["delta_norm"] for run in r["runs"] if run["method"] == m}
              for m in by}
     gap = rules.difference(by["rslora"][hi], by["lora"][hi])
-    why = (f"From rank {lo} to {hi}, LoRA's held-out loss went {fmt_seeds(by['lora'][lo])} → "
-           f"{fmt_seeds(by['lora'][hi])} and its ‖ΔW‖ changed "
+    why = (f"From rank {lo} to {hi}, LoRA's held-out loss went {_fmt_losses(by['lora'][lo])} → "
+           f"{_fmt_losses(by['lora'][hi])} and its ‖ΔW‖ changed "
            f"{norms['lora'][hi] / norms['lora'][lo]:.2f}×; rsLoRA's went "
-           f"{fmt_seeds(by['rslora'][lo])} → {fmt_seeds(by['rslora'][hi])} with ‖ΔW‖ "
+           f"{_fmt_losses(by['rslora'][lo])} → {_fmt_losses(by['rslora'][hi])} with ‖ΔW‖ "
            f"{norms['rslora'][hi] / norms['rslora'][lo]:.2f}×. At rank {hi} rsLoRA minus LoRA "
            f"is {gap.delta:+.4f} nats (margin {gap.margin:.4f}; the base starts at "
            f"{_f(r['base_val_loss'])}).")
@@ -87,9 +95,9 @@ def render_lora(results: dict[str, dict]) -> Section:
            f"alpha {plan['alpha']}, lr {plan['lr']}, {plan['steps']} steps of "
            f"{plan['batch_size']}×{r['block_size']} tokens, same data order, through "
            f"`python -m train --lora-rank`. Val loss on the held-out part; ‖ΔW‖ = ‖s·A·B‖_F.")
-    brief = (f"val loss at ranks {lo} → {hi}: LoRA {fmt_seeds(by['lora'][lo])} → "
-             f"{fmt_seeds(by['lora'][hi])}, rsLoRA {fmt_seeds(by['rslora'][lo])} → "
-             f"{fmt_seeds(by['rslora'][hi])}")
+    brief = (f"val loss at ranks {lo} → {hi}: LoRA {_fmt_losses(by['lora'][lo])} → "
+             f"{_fmt_losses(by['lora'][hi])}, rsLoRA {_fmt_losses(by['rslora'][lo])} → "
+             f"{_fmt_losses(by['rslora'][hi])}")
     header = ["method", "rank", "scale s", "trainable", "val loss", "gain vs base", "‖ΔW‖"]
     return Section(how, _md_table(header, rows), verdict, rules.RULES["lora"], why, brief)
 
@@ -100,7 +108,7 @@ def render_positions(results: dict[str, dict]) -> Section:
     rows = []
     for scheme, run in r["runs"].items():
         beyond = run.get("mean_loss_beyond_T")
-        rows.append([scheme, f"{run['position_params']:,}", fmt_seeds(per_seed(run), 4),
+        rows.append([scheme, f"{run['position_params']:,}", _fmt_losses(per_seed(run), 4),
                      _f(run.get("mean_loss_first_T")),
                      "cannot (no embedding past T)" if beyond is None else _f(beyond)])
     v = r["verdict"]
@@ -109,8 +117,8 @@ def render_positions(results: dict[str, dict]) -> Section:
                                  for s in ("learned", "sinusoidal", "rope"))
     verdict = rules.positions(learned, rope, [pen["rope"]])
     gap = rules.difference(rope, learned)
-    why = (f"Same {r['tokens_per_run']:,} tokens: val loss learned {fmt_seeds(learned)}, "
-           f"sinusoidal {fmt_seeds(sinusoidal)}, RoPE {fmt_seeds(rope)} (RoPE − learned "
+    why = (f"Same {r['tokens_per_run']:,} tokens: val loss learned {_fmt_losses(learned)}, "
+           f"sinusoidal {_fmt_losses(sinusoidal)}, RoPE {_fmt_losses(rope)} (RoPE − learned "
            f"{gap.delta:+.4f}, margin {gap.margin:.4f}); learned positions cost "
            f"{r['runs']['learned']['position_params']:,} parameters, the others none. On "
            f"windows of 2T = {2 * T} tokens, the loss at positions past T rises by "
@@ -119,8 +127,8 @@ def render_positions(results: dict[str, dict]) -> Section:
     how = (f"The same model trained three times, changing only `pos_embedding`, "
            f"on Tiny Shakespeare at context T = {T}; val loss on the whole val split, and "
            f"loss by token position on val windows of 2T.")
-    brief = (f"val loss RoPE {fmt_seeds(rope)}, learned {fmt_seeds(learned)}, sinusoidal "
-             f"{fmt_seeds(sinusoidal)}; past 2× context RoPE {pen['rope']:+.3f} nats, "
+    brief = (f"val loss RoPE {_fmt_losses(rope)}, learned {_fmt_losses(learned)}, sinusoidal "
+             f"{_fmt_losses(sinusoidal)}; past 2× context RoPE {pen['rope']:+.3f} nats, "
              f"sinusoidal {pen['sinusoidal']:+.3f}, learned cannot run")
     header = ["positions", "params added", f"val loss (T={T})", "mean loss, positions < T",
               "mean loss, positions T..2T"]
@@ -141,14 +149,14 @@ def render_tying(results: dict[str, dict]) -> Section:
     why = (f"The token embedding is {small:.1f}% of GPT-2 small (tying saves that share), and "
            f"{xl:.1f}% of GPT-2 XL at 1.56B against the article's \"< 0.5%\" (a vocabulary "
            f"of 50,257 × 1,600 dims); it falls below 0.5% only for models far wider and "
-           f"deeper. Training (not part of the claim): untied {fmt_seeds(untied)} vs tied "
-           f"{fmt_seeds(tied)} val loss at the same tokens (Δ {gap.delta:+.4f}, margin "
+           f"deeper. Training (not part of the claim): untied {_fmt_losses(untied)} vs tied "
+           f"{_fmt_losses(tied)} val loss at the same tokens (Δ {gap.delta:+.4f}, margin "
            f"{gap.margin:.4f}), for {runs['untied']['params'] - runs['tied']['params']:,} "
            f"more parameters.")
     how = ("Parameter counts from the shapes of every preset (nothing allocated); then the "
            "baby preset trained tied and untied on the same tokens.")
     brief = (f"wte is {small:.1f}% of GPT-2 small and {xl:.1f}% of GPT-2 XL (1.56B); val "
-             f"loss untied {fmt_seeds(untied)} vs tied {fmt_seeds(tied)}")
+             f"loss untied {_fmt_losses(untied)} vs tied {_fmt_losses(tied)}")
     header = ["preset", "tied", "untied", "wte share (tied)", "saved by tying"]
     return Section(how, _md_table(header, rows), verdict, rules.RULES["tying"], why, brief)
 
@@ -200,14 +208,6 @@ def render_norms(results: dict[str, dict]) -> Section:
              f"{_fmt_losses(long['deepnorm'])}")
     header = ["placement", "warmup steps", *(f"lr {lr:g}" for lr in lrs)]
     return Section(how, _md_table(header, rows), verdict, rules.RULES["norms"], why, brief)
-
-
-def _fmt_losses(values: list[float | None]) -> str:
-    """Per-seed val losses as mean ± sd, with the diverged seeds counted apart."""
-    finite = [x for x in values if x is not None]
-    nan = len(values) - len(finite)
-    text = fmt_seeds(finite) if finite else "NaN"
-    return f"{text} ({nan} of {len(values)} NaN)" if finite and nan else text
 
 
 def render_kv(results: dict[str, dict]) -> Section:

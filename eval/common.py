@@ -150,7 +150,8 @@ def parse_experiment_args(prog: str, doc: str, quick_help: str, argv=None, *,
     args = p.parse_args(argv)
     args.out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     if seeds:
-        args.seeds = args.seeds or (1 if args.quick else SEEDS)
+        if args.seeds is None:
+            args.seeds = 1 if args.quick else SEEDS
         if args.seeds < 1:
             p.error(f"--seeds {args.seeds}: need at least 1")
     return args

@@ -39,9 +39,10 @@ class Verdict:
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float]:
     """(mean, sample sd); the sd is nan for fewer than 2 values (no spread measured)."""
+    if len(values) == 0 or any(v is None for v in values):
+        raise ValueError(f"mean_sd needs values, got {list(values)} (None is a diverged seed: "
+                         f"the rule must decide divergence before comparing means)")
     x = np.asarray(values, np.float64)
-    if x.size == 0:
-        raise ValueError("mean_sd of no values")
     return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else math.nan
 
 

@@ -20,8 +20,9 @@ def test_mean_sd_and_pooled_sd_match_numpy():
     pooled = math.sqrt((2 * np.var(a, ddof=1) + 1 * np.var(b, ddof=1)) / 3)
     assert v.pooled_sd(a, b) == pytest.approx(pooled)
     assert math.isnan(v.mean_sd([5.0])[1]) and math.isnan(v.pooled_sd([1.0], b))
-    with pytest.raises(ValueError, match="no values"):
-        v.mean_sd([])
+    for bad in ([], [5.0, None]):
+        with pytest.raises(ValueError, match="mean_sd needs values"):
+            v.mean_sd(bad)
 
 
 def test_a_difference_counts_only_beyond_two_pooled_sd():
