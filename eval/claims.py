@@ -1,10 +1,12 @@
 """The article's six claims, measured: one command, one report.
 
     python -m eval.claims [--quick] [--out eval/results] [--work out/claims] [--rerun]
+    python -m eval.claims --report-only    # REPORT.md and README's table from the JSON
 
 Runs the experiment behind each claim and writes REPORT.md to --out: per claim the claim in
 one sentence, what was measured and how, a table, the plot, a verdict (holds / holds in
-part / does not hold) and the command that reproduces it. Without --quick an experiment
+part / does not hold / understates / overstates) by the rule in eval/verdicts.py, printed with
+its thresholds, and the command that reproduces it. Without --quick an experiment
 whose JSON is already in --out is read, not rerun (--rerun forces it: the full set takes
 about two hours on a 2-core CPU); --quick runs every experiment on toy models in a few
 minutes (a smoke test: its numbers show that the pipeline works, not what is true).
@@ -20,17 +22,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from eval.common import RESULTS
-
-VERDICTS = ("holds", "holds in part", "does not hold")
+from eval import verdicts as rules
+from eval.common import README, RESULTS, write_readme_block
+from eval.verdicts import Verdict, fmt_seeds, per_seed
 
 
 @dataclasses.dataclass(frozen=True)
 class Section:
     how: str  # what was measured and how
     table: str  # Markdown
-    verdict: str  # one of VERDICTS
+    verdict: Verdict  # computed by the claim's rule in eval/verdicts.py
+    rule: str  # that rule in words, with its thresholds
     why: str  # the numbers behind the verdict
+    brief: str  # the key numbers, one line, for the README's table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +51,17 @@ def _md_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+PLACEMENTS = ("pre", "post", "deepnorm")
+
+
+def _fmt_losses(values: list[float | None], digits: int = 3) -> str:
+    """Per-seed val losses as mean ± sd, with the diverged seeds counted apart."""
+    finite = [x for x in values if x is not None]
+    nan = len(values) - len(finite)
+    text = fmt_seeds(finite, digits) if finite else "NaN"
+    return f"{text} ({nan} of {len(values)} NaN)" if finite and nan else text
+
+
 def _f(x, digits: int = 4) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
@@ -56,25 +71,35 @@ def _f(x, digits: int = 4) -> str:
 
 def render_lora(results: dict[str, dict]) -> Section:
     r = results["lora_rank_sweep.json"]
-    v = r["verdict"]
     plan = r["plan"]
+    by = {m: {run["rank"]: per_seed(run) for run in r["runs"] if run["method"] == m}
+          for m in ("lora", "rslora")}
+    verdict = rules.lora_vs_rslora(by["lora"], by["rslora"])
     rows = [[run["method"], run["rank"], f"{run['scale']:.4g}", f"{run['trainable']:,}",
-             _f(run["val_loss"]), f"{r['base_val_loss'] - run['val_loss']:+.4f}",
+             _fmt_losses(per_seed(run), 4), f"{r['base_val_loss'] - run['val_loss']:+.4f}",
              _f(run["delta_norm"], 3)] for run in r["runs"]]
-    lora_v, rs_v = v["lora"]["val_loss_by_rank"], v["rslora"]["val_loss_by_rank"]
-    why = (f"From rank 4 to 256, LoRA's held-out loss went {_f(lora_v['4'])} → "
-           f"{_f(lora_v['256'])} and its ‖ΔW‖ fell to {v['lora']['delta_norm_r256_over_r4']:.2f}× "
-           f"of rank 4's; rsLoRA's went {_f(rs_v['4'])} → {_f(rs_v['256'])} with ‖ΔW‖ at "
-           f"{v['rslora']['delta_norm_r256_over_r4']:.2f}×. At rank 256 rsLoRA minus LoRA is "
-           f"{v['rslora_minus_lora_val_at_r256']:+.4f} nats (the base starts at "
+    lo, hi = min(by["lora"]), max(by["lora"])
+    norms = {m: {run["rank"]: run["delta_norm"] for run in r["runs"] if run["method"] == m}
+             for m in by}
+    gap = rules.difference(by["rslora"][hi], by["lora"][hi])
+    why = (f"From rank {lo} to {hi}, LoRA's held-out loss went {_fmt_losses(by['lora'][lo])} → "
+           f"{_fmt_losses(by['lora'][hi])} and its ‖ΔW‖ changed "
+           f"{norms['lora'][hi] / norms['lora'][lo]:.2f}×; rsLoRA's went "
+           f"{_fmt_losses(by['rslora'][lo])} → {_fmt_losses(by['rslora'][hi])} with ‖ΔW‖ "
+           f"{norms['rslora'][hi] / norms['rslora'][lo]:.2f}×. At rank {hi} rsLoRA minus LoRA "
+           f"is {gap.delta:+.4f} nats (margin {gap.margin:.4f}; the base starts at "
            f"{_f(r['base_val_loss'])}).")
     how = (f"A base ({r['base']}) trained on the first 80% of Tiny Shakespeare is fine-tuned "
-           f"on the last 20% (unseen plays) with adapters on q and v at ranks 4–256, "
+           f"on the last 20% (unseen plays) with adapters on q and v at ranks "
+           f"{', '.join(str(k) for k in sorted(by['lora']))}, "
            f"alpha {plan['alpha']}, lr {plan['lr']}, {plan['steps']} steps of "
-           f"{plan['batch_size']}×{r['block_size']} tokens, same seed and data order, through "
+           f"{plan['batch_size']}×{r['block_size']} tokens, same data order, through "
            f"`python -m train --lora-rank`. Val loss on the held-out part; ‖ΔW‖ = ‖s·A·B‖_F.")
+    brief = (f"val loss at ranks {lo} → {hi}: LoRA {_fmt_losses(by['lora'][lo])} → "
+             f"{_fmt_losses(by['lora'][hi])}, rsLoRA {_fmt_losses(by['rslora'][lo])} → "
+             f"{_fmt_losses(by['rslora'][hi])}")
     header = ["method", "rank", "scale s", "trainable", "val loss", "gain vs base", "‖ΔW‖"]
-    return Section(how, _md_table(header, rows), v["verdict"], why)
+    return Section(how, _md_table(header, rows), verdict, rules.RULES["lora"], why, brief)
 
 
 def render_positions(results: dict[str, dict]) -> Section:
@@ -83,19 +108,18 @@ def render_positions(results: dict[str, dict]) -> Section:
     rows = []
     for scheme, run in r["runs"].items():
         beyond = run.get("mean_loss_beyond_T")
-        rows.append([scheme, f"{run['position_params']:,}", _f(run["val_loss"]),
+        rows.append([scheme, f"{run['position_params']:,}", _fmt_losses(per_seed(run), 4),
                      _f(run.get("mean_loss_first_T")),
                      "cannot (no embedding past T)" if beyond is None else _f(beyond)])
     v = r["verdict"]
-    vals = v["val_loss"]
     pen = v["extrapolation_penalty"]
-    rope_best = vals["rope"] <= min(vals.values()) + 0.01
-    verdict = ("holds" if rope_best and pen["rope"] < pen["sinusoidal"]
-               else "holds in part" if rope_best or pen["rope"] < pen["sinusoidal"]
-               else "does not hold")
-    why = (f"Same {r['tokens_per_run']:,} tokens: val loss learned {_f(vals['learned'])}, "
-           f"sinusoidal {_f(vals['sinusoidal'])}, RoPE {_f(vals['rope'])} (RoPE − learned "
-           f"{v['rope_minus_learned']:+.4f}); learned positions cost "
+    learned, sinusoidal, rope = (per_seed(r["runs"][s])
+                                 for s in ("learned", "sinusoidal", "rope"))
+    verdict = rules.positions(learned, rope, [pen["rope"]])
+    gap = rules.difference(rope, learned)
+    why = (f"Same {r['tokens_per_run']:,} tokens: val loss learned {_fmt_losses(learned)}, "
+           f"sinusoidal {_fmt_losses(sinusoidal)}, RoPE {_fmt_losses(rope)} (RoPE − learned "
+           f"{gap.delta:+.4f}, margin {gap.margin:.4f}); learned positions cost "
            f"{r['runs']['learned']['position_params']:,} parameters, the others none. On "
            f"windows of 2T = {2 * T} tokens, the loss at positions past T rises by "
            f"{pen['rope']:+.3f} (RoPE) and {pen['sinusoidal']:+.3f} (sinusoidal) over the "
@@ -103,9 +127,12 @@ def render_positions(results: dict[str, dict]) -> Section:
     how = (f"The same model trained three times, changing only `pos_embedding`, "
            f"on Tiny Shakespeare at context T = {T}; val loss on the whole val split, and "
            f"loss by token position on val windows of 2T.")
+    brief = (f"val loss RoPE {_fmt_losses(rope)}, learned {_fmt_losses(learned)}, sinusoidal "
+             f"{_fmt_losses(sinusoidal)}; past 2× context RoPE {pen['rope']:+.3f} nats, "
+             f"sinusoidal {pen['sinusoidal']:+.3f}, learned cannot run")
     header = ["positions", "params added", f"val loss (T={T})", "mean loss, positions < T",
               "mean loss, positions T..2T"]
-    return Section(how, _md_table(header, rows), verdict, why)
+    return Section(how, _md_table(header, rows), verdict, rules.RULES["positions"], why, brief)
 
 
 def render_tying(results: dict[str, dict]) -> Section:
@@ -115,20 +142,23 @@ def render_tying(results: dict[str, dict]) -> Section:
             for t in r["table"]]
     v = r["verdict"]
     small, xl = v["gpt2_wte_share_pct"], v["gpt2-xl_wte_share_pct"]
-    # the article: ~30% at 124M, "< 0.5%" at billions; GPT-2 XL (1.5B) holds ~5%
-    verdict = "holds in part" if 25 <= small <= 35 and xl > 0.5 else (
-        "holds" if 25 <= small <= 35 else "does not hold")
+    verdict = rules.tying(small, xl)
     runs = r["runs"]
-    why = (f"The token embedding is {small:.1f}% of GPT-2 small (tying saves that share), but "
-           f"still {xl:.1f}% of GPT-2 XL at 1.56B, ten times the article's \"< 0.5%\" (a "
-           f"vocabulary of 50,257 × 1,600 dims); it falls below 0.5% only for models far "
-           f"wider and deeper. Training: untied minus tied val loss "
-           f"{v['baby_val_untied_minus_tied']:+.4f} at the same tokens, for "
-           f"{runs['untied']['params'] - runs['tied']['params']:,} more parameters.")
+    tied, untied = per_seed(runs["tied"]), per_seed(runs["untied"])
+    gap = rules.difference(untied, tied)
+    why = (f"The token embedding is {small:.1f}% of GPT-2 small (tying saves that share), and "
+           f"{xl:.1f}% of GPT-2 XL at 1.56B against the article's \"< 0.5%\" (a vocabulary "
+           f"of 50,257 × 1,600 dims); it falls below 0.5% only for models far wider and "
+           f"deeper. Training (not part of the claim): untied {_fmt_losses(untied)} vs tied "
+           f"{_fmt_losses(tied)} val loss at the same tokens (Δ {gap.delta:+.4f}, margin "
+           f"{gap.margin:.4f}), for {runs['untied']['params'] - runs['tied']['params']:,} "
+           f"more parameters.")
     how = ("Parameter counts from the shapes of every preset (nothing allocated); then the "
            "baby preset trained tied and untied on the same tokens.")
+    brief = (f"wte is {small:.1f}% of GPT-2 small and {xl:.1f}% of GPT-2 XL (1.56B); val "
+             f"loss untied {_fmt_losses(untied)} vs tied {_fmt_losses(tied)}")
     header = ["preset", "tied", "untied", "wte share (tied)", "saved by tying"]
-    return Section(how, _md_table(header, rows), verdict, why)
+    return Section(how, _md_table(header, rows), verdict, rules.RULES["tying"], why, brief)
 
 
 def render_norms(results: dict[str, dict]) -> Section:
@@ -136,45 +166,48 @@ def render_norms(results: dict[str, dict]) -> Section:
     v = r["verdict"]
     lrs = sorted({run["lr"] for run in r["runs"]})
     rows = []
-    for placement in ("pre", "post", "deepnorm"):
+    for placement in PLACEMENTS:
         for warmup in sorted({run["warmup"] for run in r["runs"]}):
-            cells = {run["lr"]: "NaN" if run["diverged"] else _f(run["val_loss"], 3)
-                     for run in r["runs"]
+            cells = {run["lr"]: _fmt_losses(per_seed(run)) for run in r["runs"]
                      if (run["placement"], run["warmup"]) == (placement, warmup)}
             rows.append([placement, warmup, *(cells[lr] for lr in lrs)])
-    long_val = v["long_val_loss"]
-    rows += [[p, f"50 ({r['long_steps']} steps, lr 1e-3)", _f(long_val[p], 3),
-              *[""] * (len(lrs) - 1)] for p in ("pre", "post", "deepnorm")]
-    failed = {p: len(f) for p, f in v["failed_runs"].items()}
-    n_grid = len(r["runs"]) // 3
-    pre_stable = failed["pre"] < failed["post"]
-    post_better = None not in (long_val["post"], long_val["pre"]) and \
-        long_val["post"] < long_val["pre"]
-    deepnorm_fixes = failed["deepnorm"] < failed["post"]
-    parts = (pre_stable, post_better, deepnorm_fixes)
-    verdict = "holds" if all(parts) else "holds in part" if any(parts) else "does not hold"
+    long = {p: per_seed(r["long_runs"][p]) for p in PLACEMENTS}
+    rows += [[p, f"50 ({r['long_steps']} steps, lr 1e-3)", _fmt_losses(long[p]),
+              *[""] * (len(lrs) - 1)] for p in PLACEMENTS]
+    grid = {p: {(run["lr"], run["warmup"]): per_seed(run) for run in r["runs"]
+                if run["placement"] == p} for p in PLACEMENTS}
+    verdict = rules.norms(grid, long)
+    seeds = {p: [x for runs in grid[p].values() for x in runs] for p in PLACEMENTS}
+    failed = {p: sum(not rules.trained(x) for x in seeds[p]) for p in PLACEMENTS}
     unit = v["grad_last_over_rest_deepest"]["unit_embeddings"]
     gpt2 = v["grad_last_over_rest_deepest"]["gpt2_init"]
     depth = max(r["init_grad_norms"], key=int)
-    why = (f"Of {n_grid} short runs per placement, {failed['pre']} pre-LN, {failed['post']} "
-           f"post-LN and {failed['deepnorm']} DeepNorm runs ended at or above the unigram loss "
-           f"(6.52) or diverged ({v['diverged_runs']} NaN in all). Trained {r['long_steps']} "
-           f"steps: pre {_f(long_val['pre'])}, post {_f(long_val['post'])}, DeepNorm "
-           f"{_f(long_val['deepnorm'])}. Gradients at init (depth {depth}), last layer over "
-           f"the median of the others: with unit-scale embeddings (Xiong et al.'s setting) "
-           f"pre {unit['pre']:.2f}, post {unit['post']:.2f}, DeepNorm {unit['deepnorm']:.2f}; "
-           f"at GPT-2's init (embeddings std 0.02) post-LN's largest gradient is the first "
-           f"layer's instead, {v['grad_first_over_rest_gpt2_init']['post']:.1f}× the rest, "
-           f"and the last's ratio is {gpt2['post']:.2f}.")
+    why = (f"Of {len(seeds['pre'])} short runs per placement, {failed['pre']} pre-LN, "
+           f"{failed['post']} post-LN and {failed['deepnorm']} DeepNorm runs ended at or above "
+           f"the unigram loss ({rules.UNIGRAM_LOSS}) or diverged ({v['diverged_runs']} NaN in "
+           f"all). Trained {r['long_steps']} steps: pre {_fmt_losses(long['pre'])}, post "
+           f"{_fmt_losses(long['post'])}, DeepNorm {_fmt_losses(long['deepnorm'])}. Gradients "
+           f"at init (depth {depth}), last layer over the median of the others: with unit-scale "
+           f"embeddings (Xiong et al., arXiv:2002.04745, §3) pre {unit['pre']:.2f}, post "
+           f"{unit['post']:.2f}, DeepNorm {unit['deepnorm']:.2f}; at GPT-2's init (embeddings "
+           f"std 0.02) post-LN's largest gradient is the first layer's instead, "
+           f"{v['grad_first_over_rest_gpt2_init']['post']:.1f}× the rest, and the last's "
+           f"ratio is {gpt2['post']:.2f}.")
     train = r["train"]
     m = train["model"]
-    how = (f"Per-layer gradient norms at init for pre-LN, post-LN and DeepNorm (depths 6 and "
-           f"12, width {r['grad_width']}); then a {m['n_layer']}-layer, {m['n_embd']}-dim model "
+    how = (f"Per-layer gradient norms at init for pre-LN, post-LN and DeepNorm (depths "
+           f"{' and '.join(r['init_grad_norms'])}, width {r['grad_width']}); then a "
+           f"{m['n_layer']}-layer, {m['n_embd']}-dim model "
            f"trained {train['max_steps']} steps of {train['batch_size']}×{m['block_size']} "
            f"tokens at each learning rate, with and without 50 warmup steps, no gradient "
            f"clipping; and each placement trained {r['long_steps']} steps. Final val loss.")
+    brief = (f"{m['n_layer']} layers, no clipping: runs at or above the unigram loss or "
+             f"diverged: pre {failed['pre']}, post {failed['post']}, DeepNorm "
+             f"{failed['deepnorm']} of {len(seeds['pre'])}; {r['long_steps']} steps: pre "
+             f"{_fmt_losses(long['pre'])}, post {_fmt_losses(long['post'])}, DeepNorm "
+             f"{_fmt_losses(long['deepnorm'])}")
     header = ["placement", "warmup steps", *(f"lr {lr:g}" for lr in lrs)]
-    return Section(how, _md_table(header, rows), verdict, why)
+    return Section(how, _md_table(header, rows), verdict, rules.RULES["norms"], why, brief)
 
 
 def render_kv(results: dict[str, dict]) -> Section:
@@ -188,47 +221,56 @@ def render_kv(results: dict[str, dict]) -> Section:
     table = _md_table(["tokens", "cache speed-up (gpt2jax)", "cache speed-up (HF)",
                        "cache bytes: measured = formula"], speed_rows)
     table += "\n\n" + q["table"]
-    v = q["verdict"]
     speedups = [d[f"speedup_b1_L{L}"] for L in lengths]
-    speed_holds = min(speedups) >= 2
-    verdict = ("holds" if speed_holds and v["verdict"] == "holds" else "does not hold"
-               if not speed_holds and v["verdict"] == "does not hold" else "holds in part")
-    why = (f"The float cache makes batch-1 decoding {d[f'speedup_b1_L{lengths[0]}']:.1f}× "
-           f"(at {lengths[0]} tokens) to {d[f'speedup_b1_L{lengths[-1]}']:.1f}× (at "
-           f"{lengths[-1]}) faster than recomputing — the gain grows with length, so "
-           f"\"around 2×\" holds only for short sequences — for exactly the formula's bytes. "
-           + v["summary"])
+    cache_rows = [row for row in d["rows"] if row["impl"] == "gpt2jax" and row["cache"]]
+    exact = all(row["kv_cache_bytes"] == row["kv_formula_bytes"] for row in cache_rows)
+    verdict = rules.kv_cache(speedups, exact, q["rows"])
+    lo, hi = rules.CACHE_SPEEDUP_BAND
+    why = (f"The float cache makes batch-1 decoding {speedups[0]:.1f}× (at {lengths[0]} "
+           f"tokens) to {speedups[-1]:.1f}× (at {lengths[-1]}) faster than recomputing, "
+           f"against \"around 2×\" ({lo}–{hi}×): {verdict.parts['around 2× faster']}; its "
+           f"bytes {'equal' if exact else 'differ from'} the formula's. "
+           + q["verdict"]["summary"])
     how = (f"Decode speed with and without the cache, {d['preset']} shape, against Hugging "
            f"Face in the same run (`eval.bench_decode`); TurboQuant caches on a model trained "
            f"on Tiny Shakespeare (`{q['command']}`), run as the paper runs them (exact "
            f"prefill, codes stored, each decoded token exact to itself): val loss scored token "
            f"by token through the quantized cache, greedy agreement with the float cache, "
            f"attention-score error, and bytes from the arrays.")
-    return Section(how, table, verdict, why)
+    three = q["rows"][rules.TQ_SETTING]
+    brief = (f"cache {speedups[0]:.1f}× ({lengths[0]} tokens) to {speedups[-1]:.1f}× "
+             f"({lengths[-1]}) faster at batch 1, bytes {'=' if exact else '≠'} formula; "
+             f"{rules.TQ_SETTING} {three['compression_vs_fp16']:.2f}× smaller than fp16 (norms "
+             f"counted), {three['delta_loss_pct']:+.2f}% loss, "
+             f"{100 * three['greedy_match']:.0f}% greedy tokens equal")
+    return Section(how, table, verdict, rules.RULES["kv"], why, brief)
 
 
 def render_int8(results: dict[str, dict]) -> Section:
     r = results["quantization.json"]
+    variants = r["variants"]
     rows = [[name, _f(row["val_loss"]), f"{row['delta_loss_pct']:+.4f}%",
              f"{row['bytes']:,}", f"{row['size_vs_float32']:.3f}"]
-            for name, row in r["variants"].items()]
-    variants = r["variants"]
-    skipped = variants["int8 per-channel (norms float)"]
-    with_norms = variants["int8 per-channel + norms int8"]
-    float_bytes = variants["float32"]["bytes"]
-    norm_share = 100 * r["norm_params"] * 4 / float_bytes
-    harm = with_norms["delta_loss_pct"] - skipped["delta_loss_pct"]
-    verdict = "holds" if harm > 0.1 else "holds in part"
+            for name, row in variants.items()]
+    skipped_name = "int8 per-channel (norms float)"
+    skipped = variants[skipped_name]
+    # every variant that quantizes the norms too, whatever its granularity or bits
+    quantized = {name: row["delta_loss_pct"] for name, row in variants.items()
+                 if "norms" in name and "norms float" not in name}
+    verdict = rules.int8_norms(r["norm_bytes_saved_by_int8"], skipped["bytes"],
+                               skipped["delta_loss_pct"], quantized)
+    saved_pct = 100 * r["norm_bytes_saved_by_int8"] / skipped["bytes"]
+    moves = ", ".join(f"{name} {delta:+.4f}%" for name, delta in quantized.items())
     why = (f"int8 with the norms skipped moves val loss by {skipped['delta_loss_pct']:+.4f}%; "
-           f"quantizing the norms too moves it by {with_norms['delta_loss_pct']:+.4f}%. The "
-           f"norms are {r['norm_params']:,} parameters, {norm_share:.3f}% of the float bytes: "
-           f"skipping them costs {r['norm_bytes_saved_by_int8']:,} bytes. So skipping is "
-           f"right because it is free, not because quantizing them measurably hurts here "
-           f"(per-channel int8 of a gain vector is nearly exact).")
-    how = ("Val loss and bytes of one trained model in float32 and three int8 variants "
+           f"quantizing the norms too: {moves}. The norms are {r['norm_params']:,} parameters: "
+           f"quantizing them saves {r['norm_bytes_saved_by_int8']:,} bytes, {saved_pct:.3f}% "
+           f"of the int8 model.")
+    how = ("Val loss and bytes of one trained model in float32 and int8 variants "
            "(per-channel or per-tensor scales, norms kept in float or quantized too).")
+    brief = (f"quantizing the norms saves {saved_pct:.3f}% of the int8 bytes and moves val "
+             f"loss {moves} (norms float: {skipped['delta_loss_pct']:+.4f}%)")
     header = ["variant", "val loss", "Δ loss", "bytes", "size vs float32"]
-    return Section(how, _md_table(header, rows), verdict, why)
+    return Section(how, _md_table(header, rows), verdict, rules.RULES["int8"], why, brief)
 
 
 CLAIMS = (
@@ -264,9 +306,15 @@ CLAIMS = (
 # ---------------------------------------------------------------------------- running
 
 
-def _argv(module: str, json_name: str, quick: bool, out: Path, work: Path) -> list[str]:
+TRAINS = ("eval.lora_rank_sweep", "eval.positions", "eval.tying", "eval.norms")  # --seeds
+
+
+def _argv(module: str, json_name: str, quick: bool, out: Path, work: Path,
+          seeds: int | None = None) -> list[str]:
     """The experiment's own CLI arguments for this run."""
     argv = ["--quick"] if quick else []
+    if seeds and module in TRAINS:
+        argv += ["--seeds", str(seeds)]
     if module == "eval.bench_decode":
         return argv + ["--json", str(out / json_name)]
     if module == "eval.quantization":  # quick: kv_quant's toy model, no second training
@@ -281,7 +329,8 @@ def command(module: str, quick: bool) -> str:
     return f"python -m {module}{' --quick' if quick else ''}"
 
 
-def run_experiments(quick: bool, out: Path, work: Path, rerun: bool) -> dict[str, float]:
+def run_experiments(quick: bool, out: Path, work: Path, rerun: bool,
+                    seeds: int | None = None) -> dict[str, float]:
     """Run each experiment whose JSON is missing (every one with --quick or --rerun)."""
     seconds = {}
     for claim in CLAIMS:
@@ -290,9 +339,19 @@ def run_experiments(quick: bool, out: Path, work: Path, rerun: bool) -> dict[str
                 continue
             print(f"==> {command(module, quick)}", flush=True)
             t = time.perf_counter()
-            importlib.import_module(module).main(_argv(module, json_name, quick, out, work))
+            importlib.import_module(module).main(
+                _argv(module, json_name, quick, out, work, seeds))
             seconds[module] = time.perf_counter() - t
     return seconds
+
+
+def sections(out: Path) -> list[tuple[Claim, Section]]:
+    """Each claim with its section, rendered from the JSON files in `out`."""
+    done = []
+    for claim in CLAIMS:
+        results = {name: json.loads((out / name).read_text()) for _, name in claim.experiments}
+        done.append((claim, claim.render(results)))
+    return done
 
 
 def report(quick: bool, out: Path) -> str:
@@ -303,21 +362,27 @@ def report(quick: bool, out: Path) -> str:
                   "show that every experiment runs end to end, not whether a claim holds; "
                   "the committed full report is eval/results/REPORT.md.", ""]
     summary = []
-    sections = []
-    for claim in CLAIMS:
-        results = {name: json.loads((out / name).read_text()) for _, name in claim.experiments}
-        s = claim.render(results)
-        if s.verdict not in VERDICTS:
-            raise ValueError(f"{claim.title}: verdict {s.verdict!r} is not one of {VERDICTS}")
-        summary.append([claim.title, s.verdict])
+    body = []
+    for claim, s in sections(out):
+        summary.append([claim.title, s.verdict.outcome])
         plots = "\n\n".join(f"![{name[:-5]}]({name[:-5]}.png)" for _, name in claim.experiments)
         commands = ", ".join(f"`{command(m, quick)}`" for m, _ in claim.experiments)
-        sections += [f"## {claim.title}", "", f"**Claim.** {claim.statement}", "",
-                     f"**Measured.** {s.how}", "", s.table, "", plots, "",
-                     f"**Verdict: {s.verdict}.** {s.why}", "", f"**Reproduce:** {commands}",
-                     ""]
-    parts += [_md_table(["claim", "verdict"], summary), "", *sections]
+        parts_text = "; ".join(f"{part}: {outcome}" for part, outcome in s.verdict.parts.items())
+        body += [f"## {claim.title}", "", f"**Claim.** {claim.statement}", "",
+                 f"**Measured.** {s.how}", "", s.table, "", plots, "",
+                 f"**Verdict: {s.verdict.outcome}.** {s.why}", "",
+                 f"**Rule.** {s.rule}. Parts: {parts_text}.", "",
+                 f"**Reproduce:** {commands}", ""]
+    parts += [_md_table(["claim", "verdict"], summary), "", rules.SEEDS_RULE, "", *body]
     return "\n".join(parts)
+
+
+def readme_table(out: Path) -> str:
+    """The README's claims table: verdict and key numbers per claim, from the JSON."""
+    rows = [[claim.title, f"**{s.verdict.outcome}**", s.brief,
+             ", ".join(f"`{command(m, False)}`" for m, _ in claim.experiments)]
+            for claim, s in sections(out)]
+    return _md_table(["claim", "verdict", "measured", "command"], rows)
 
 
 def main(argv=None) -> None:
@@ -327,12 +392,24 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, help="default eval/results (quick: eval/results/quick)")
     p.add_argument("--work", type=Path, help="training runs (default out/claims[_quick])")
     p.add_argument("--rerun", action="store_true", help="rerun experiments whose JSON exists")
+    p.add_argument("--seeds", type=int, help="seeds per arm of the training comparisons "
+                   "(default: each experiment's, 3; with --quick 1)")
+    p.add_argument("--report-only", action="store_true",
+                   help="write REPORT.md (and, for eval/results, the README's claims table) "
+                   "from the JSON in --out; train nothing")
+    p.add_argument("--readme", type=Path, help="README whose claims table to rewrite (default "
+                   "README.md when --out is eval/results, else none)")
     args = p.parse_args(argv)
     out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
     work = args.work or Path("out") / f"claims{'_quick' if args.quick else ''}"
     out.mkdir(parents=True, exist_ok=True)
-    seconds = run_experiments(args.quick, out, work, args.rerun)
+    seconds = {} if args.report_only else run_experiments(args.quick, out, work, args.rerun,
+                                                          args.seeds)
     (out / "REPORT.md").write_text(report(args.quick, out))
+    # the README shows the committed full results, never a smoke test's or a scratch copy's
+    readme = args.readme or (README if out.resolve() == RESULTS.resolve() else None)
+    if readme:
+        write_readme_block("claims", readme_table(out), readme)
     for module, s in seconds.items():
         print(f"{module:<24} {s:6.0f} s")
     print(f"wrote {out / 'REPORT.md'}")

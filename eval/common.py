@@ -21,6 +21,25 @@ from train import data as data_lib
 from train.trainer import NonFiniteLossError, resolve_data, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parents[1]
+SEEDS = 3  # per arm: the fewest that give a seed-to-seed sd to compare differences with
+CODE_DIRS = ("gpt2jax", "train")  # the code a training run depends on
+
+
+def code_hash(root: Path = ROOT) -> str:
+    """A hash of every Python file under gpt2jax/ and train/ (paths and bytes): a fix to the
+    model or the trainer changes it, so runs trained before the fix are not reused."""
+    h = hashlib.sha256()
+    for folder in CODE_DIRS:
+        for path in sorted((root / folder).rglob("*.py")):
+            h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def run_key(cfg: train_config.TrainConfig, root: Path = ROOT) -> str:
+    """What a cached run is reused by: its config (without its folder) and the code hash."""
+    payload = cfg.replace(out="").to_json() + code_hash(root)
+    return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 
 def trained_model(*, ckpt: str | None, quick: bool, out: str | Path,
@@ -54,12 +73,11 @@ def shakespeare_data(work: str | Path) -> Path:
 
 
 def train_variant(cfg: train_config.TrainConfig, work: str | Path, name: str) -> dict:
-    """Train `cfg` (its `out` replaced by a folder under work/ named after `name` and a hash
-    of the config) and return its curves; a finished run with the same config is reused, so
-    experiments that share a baseline train it once. A run whose loss turns NaN/inf is
+    """Train `cfg` (its `out` replaced by a folder under work/ named after `name` and
+    `run_key`) and return its curves; a finished run with the same config and code is reused,
+    so experiments that share a baseline train it once. A run whose loss turns NaN/inf is
     recorded as diverged rather than raised."""
-    key = hashlib.sha256(cfg.replace(out="").to_json().encode()).hexdigest()[:10]
-    out = Path(work) / f"{name}-{key}"
+    out = Path(work) / f"{name}-{run_key(cfg)}"
     cfg = cfg.replace(out=str(out))
     done = out / "variant.json"
     if done.exists():
@@ -77,10 +95,32 @@ def train_variant(cfg: train_config.TrainConfig, work: str | Path, name: str) ->
         "steps": steps if steps is not None else len(losses),
         "tokens": len(losses) * cfg.tokens_per_step, "train_loss": losses,
         "val_curve": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
-        "val_loss": final_val, "wall_s": time.perf_counter() - t,
+        "val_loss": final_val, "wall_s": time.perf_counter() - t, "code": code_hash(),
     }
     done.write_text(json.dumps(row))
     return row
+
+
+def seeded(rows: list[dict], seeds: list[int]) -> dict:
+    """One arm of a comparison from its per-seed rows: the first seed's row (its curves
+    draw the plots) with every seed's final val loss in `val_losses` (None: diverged) and
+    `val_loss` their mean over the seeds that did not diverge (None if none)."""
+    losses = [row["val_loss"] for row in rows]
+    finite = [x for x in losses if x is not None]
+    return {**rows[0], "seeds": seeds, "val_losses": losses,
+            "val_loss": float(np.mean(finite)) if finite else None,
+            "diverged": not finite}
+
+
+def train_seeds(cfg: train_config.TrainConfig, work: str | Path, name: str,
+                seeds: int) -> dict:
+    """`train_variant` at seeds cfg.seed, cfg.seed + 1, ... (init and data order change
+    together), merged by `seeded`; the first seed keeps `name`, so its run is shared with
+    experiments that train one seed."""
+    values = [cfg.seed + i for i in range(seeds)]
+    rows = [train_variant(cfg.replace(seed=s), work, name if s == cfg.seed else f"{name}-s{s}")
+            for s in values]
+    return seeded(rows, values)
 
 
 def trailing_mean(values, max_window: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -92,20 +132,29 @@ def trailing_mean(values, max_window: int) -> tuple[np.ndarray, np.ndarray, int]
 
 
 def parse_experiment_args(prog: str, doc: str, quick_help: str, argv=None, *,
-                          work: Path | None = Path("out/claims"),
+                          work: Path | None = Path("out/claims"), seeds: bool = False,
                           more_arguments=None) -> argparse.Namespace:
-    """The flags every experiment takes (--quick, --out, --work), plus `more_arguments(p)`;
-    args.out defaults to eval/results, or eval/results/quick with --quick."""
+    """The flags every experiment takes (--quick, --out, --work), --seeds for those that
+    train comparisons, plus `more_arguments(p)`; args.out defaults to eval/results, or
+    eval/results/quick with --quick."""
     p = cli.ArgumentParser(prog, description=doc)  # one-line errors, --verbose
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument("--out", type=Path, help="results folder (default eval/results; with "
                    "--quick eval/results/quick)")
-    p.add_argument("--work", type=Path, default=work,
-                   help=f"training runs, reused when their config is unchanged (default {work})")
+    p.add_argument("--work", type=Path, default=work, help=f"training runs, reused when "
+                   f"their config and code are unchanged (default {work})")
+    if seeds:
+        p.add_argument("--seeds", type=int, help="seeds per arm of every training comparison "
+                       f"(default {SEEDS}; with --quick 1)")
     if more_arguments is not None:
         more_arguments(p)
     args = p.parse_args(argv)
     args.out = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    if seeds:
+        if args.seeds is None:
+            args.seeds = 1 if args.quick else SEEDS
+        if args.seeds < 1:
+            p.error(f"--seeds {args.seeds}: need at least 1")
     return args
 
 
@@ -126,7 +175,7 @@ def perplexity(nll: float) -> float:
     return math.exp(nll)
 
 
-README = RESULTS.parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def cores() -> int:

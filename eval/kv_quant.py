@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from eval import verdicts
 from eval.common import (
     parse_experiment_args,
     perplexity,
@@ -251,8 +252,7 @@ def _splits(rows: dict) -> list[tuple[str, str]]:
 def verdict(result: dict) -> dict:
     rows = result["rows"]
     three = rows["tq3-mse"]
-    lossless = {n: r for n, r in rows.items() if n.startswith("tq")
-                and r["delta_loss_pct"] < 0.1 and r["greedy_match"] >= 0.99}
+    lossless = {n: r for n, r in rows.items() if n.startswith("tq") and verdicts.lossless(r)}
     best = max(lossless.items(), key=lambda kv: kv[1]["compression_vs_fp16"], default=None)
     summary = (f"At 3 bits (mse keys, {three['key_bits']:g} bits per value with the norm) "
                f"the cache is {three['compression_vs_fp16']:.1f}× smaller than a float16 "
@@ -270,11 +270,8 @@ def verdict(result: dict) -> dict:
         summary += (f"{split} (outliers chosen per head from the prompt) scores "
                     f"{rows[split]['score_rel_rmse']:.3f} rel. RMSE against {plain}'s "
                     f"{rows[plain]['score_rel_rmse']:.3f}. ")
-    zero_loss_at_3 = three["delta_loss_pct"] < 0.1 and three["greedy_match"] >= 0.99
-    five_x = three["compression_vs_fp16"] >= 4.5
     return {"summary": summary.strip(), "split_beats_lower_rate": split_wins,
-            "verdict": "holds" if zero_loss_at_3 and five_x else
-            "holds in part" if best or five_x else "does not hold"}
+            "verdict": verdicts.turboquant(rows).outcome}
 
 
 def table(result: dict) -> str:

@@ -11,6 +11,8 @@ claims both.
    test), same data order and steps: diverged (NaN/inf) or not, and the final val loss.
 3. The three placements trained 5x longer (lr 1e-3, warmup 50): which ends lower.
 
+Every training run is repeated at --seeds seeds (default 3).
+
 Writes norms.json and norms.png.
 """
 
@@ -25,9 +27,10 @@ from eval.common import (
     parse_experiment_args,
     shakespeare_data,
     trailing_mean,
-    train_variant,
+    train_seeds,
     write_json,
 )
+from eval.verdicts import UNIGRAM_LOSS, per_seed
 from gpt2jax.config import GPTConfig
 from gpt2jax.model import init_params
 from train import TrainConfig
@@ -36,7 +39,6 @@ from train.step import token_losses
 
 PLACEMENTS = ("pre", "post", "deepnorm")
 LRS = (3e-4, 1e-3, 3e-3)
-UNIGRAM_LOSS = 6.52  # Tiny Shakespeare's unigram entropy (nats): above it, nothing was learned
 LONG = {"lr": 1e-3, "warmup_steps": 50, "steps_factor": 5}
 
 
@@ -51,11 +53,11 @@ def init_grad_norms(depth: int, n_embd: int, tokens: np.ndarray, block: int) -> 
         config = GPTConfig(n_layer=depth, n_head=4, n_embd=n_embd, block_size=block,
                            norm_placement=placement)
         params = init_params(config, jax.random.key(0))
-        loss = lambda p, c=config: token_losses(p, x, y, c).mean()
+        grad = jax.jit(jax.grad(lambda p, c=config: token_losses(p, x, y, c).mean()))
         for name, scale in (("gpt2_init", 1.0), ("unit_embeddings", 1 / config.init_std)):
             scaled = {**params, **{k: {"embedding": params[k]["embedding"] * scale}
                                    for k in ("wte", "wpe")}}
-            grads = jax.jit(jax.grad(loss))(scaled)
+            grads = grad(scaled)  # one compile for both inits: same shapes
             squares = sum(np.sum(np.asarray(g, np.float64) ** 2, axis=tuple(range(1, g.ndim)))
                           for g in jax.tree.leaves(grads["h"]))  # [L]: stacked over layers
             out[name][placement] = np.sqrt(squares).tolist()
@@ -70,9 +72,9 @@ def last_over_rest(norms: list[float]) -> float:
 
 def recipe(quick: bool, data: Path) -> TrainConfig:
     if quick:
-        return TrainConfig(model=GPTConfig(n_layer=4, n_head=2, n_embd=64, block_size=32),
-                           data=str(data), batch_size=4, max_steps=20, warmup_steps=0, lr=1e-3,
-                           min_lr=1e-4, grad_clip=0.0, eval_every=10**9, eval_batches=2,
+        return TrainConfig(model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16),
+                           data=str(data), batch_size=32, max_steps=6, warmup_steps=0, lr=1e-3,
+                           min_lr=1e-4, grad_clip=0.0, eval_every=10**9, eval_batches=1,
                            ckpt_every=10**9, sample_tokens=0, peak_flops=1.0)
     return TrainConfig(model=GPTConfig(n_layer=12, n_head=4, n_embd=128, block_size=64),
                        data=str(data), batch_size=8, max_steps=200, warmup_steps=0, lr=1e-3,
@@ -80,12 +82,12 @@ def recipe(quick: bool, data: Path) -> TrainConfig:
                        sample_tokens=0, peak_flops=1.0)
 
 
-def run(quick: bool, out: Path, work: Path) -> dict:
+def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
     data = shakespeare_data(work)
     train_tokens = np.asarray(data_lib.load_split(data, "train"))
-    depths = (2, 4) if quick else (6, 12)
-    width = 64 if quick else 256
-    grads = {d: init_grad_norms(d, width, train_tokens, 64) for d in depths}
+    depths = (2,) if quick else (6, 12)
+    width = 32 if quick else 256
+    grads = {d: init_grad_norms(d, width, train_tokens, 16 if quick else 64) for d in depths}
     for d, by_init in grads.items():
         for init, by in by_init.items():
             for placement, norms in by.items():
@@ -101,7 +103,7 @@ def run(quick: bool, out: Path, work: Path) -> dict:
             for warmup in warmups:
                 cfg = base.replace(model=base.model.replace(norm_placement=placement), lr=lr,
                                    min_lr=lr / 10, warmup_steps=warmup)
-                row = train_variant(cfg, work, f"norm-{placement}-lr{lr:g}-w{warmup}")
+                row = train_seeds(cfg, work, f"norm-{placement}-lr{lr:g}-w{warmup}", seeds)
                 row.update(placement=placement, lr=lr, warmup=warmup)
                 runs.append(row)
                 outcome = "DIVERGED" if row["diverged"] else f"val {row['val_loss']:.4f}"
@@ -113,7 +115,7 @@ def run(quick: bool, out: Path, work: Path) -> dict:
                            min_lr=LONG["lr"] / 10, warmup_steps=min(LONG["warmup_steps"],
                                                                     base.max_steps // 4),
                            max_steps=base.max_steps * factor)
-        row = train_variant(cfg, work, f"norm-{placement}-long")
+        row = train_seeds(cfg, work, f"norm-{placement}-long", seeds)
         long_runs[placement] = {k: v for k, v in row.items() if k != "config"}
         print(f"{placement:<8} {cfg.max_steps} steps: val {row['val_loss']}")
     strip = lambda r: {k: v for k, v in r.items() if k not in ("config", "train_loss")}
@@ -146,7 +148,7 @@ def verdict(grads: dict, runs: list[dict], long_runs: dict) -> dict:
     return {"grad_last_over_rest_deepest": growth, "grad_first_over_rest_gpt2_init": first,
             "best_val_loss": best,
             "failed_runs": failed, "long_val_loss": long_val,
-            "diverged_runs": sum(r["diverged"] for r in runs)}
+            "diverged_runs": sum(v is None for r in runs for v in per_seed(r))}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -214,8 +216,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_experiment_args("python -m eval.norms", __doc__,
-                                 "depths 2 and 4, one lr, 20 and 40 steps", argv)
-    run(args.quick, args.out, args.work)
+                                 "depth 2, one lr, 6 and 12 steps", argv, seeds=True)
+    run(args.quick, args.out, args.work, args.seeds)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
     python -m eval.positions [--quick] [--out eval/results] [--work out/claims]
 
-Trains the `baby` model (6 layers, 384 dims, context 256) three times on Tiny Shakespeare,
-changing only `pos_embedding`, with the same data order, steps and learning rate; records the
+Trains the `baby` model (6 layers, 384 dims, context 256) on Tiny Shakespeare once per scheme
+and seed (--seeds, default 3), changing only `pos_embedding`, with the same data order, steps
+and learning rate per seed; records the
 val-loss curves, the parameters each scheme adds, and the loss by token position on windows
 of twice the training context (learned positions have no embedding past it: they cannot be
 evaluated there). Writes positions.json and positions.png.
@@ -22,7 +23,7 @@ from eval.common import (
     parse_experiment_args,
     shakespeare_data,
     trailing_mean,
-    train_variant,
+    train_seeds,
     write_json,
 )
 from gpt2jax import checkpoint, model
@@ -34,12 +35,13 @@ SCHEMES = ("learned", "sinusoidal", "rope")
 
 
 def recipe(quick: bool, data: Path) -> TrainConfig:
-    """The shared training setup: baby at 200 steps x 4 x 256 tokens (quick: a 2-layer toy)."""
+    """The shared training setup: baby at 200 steps x 4 x 256 tokens (quick: a 1-layer toy)."""
     if quick:
-        model_config = GPTConfig(n_layer=2, n_head=2, n_embd=64, block_size=64)
-        return TrainConfig(model=model_config, data=str(data), batch_size=4, max_steps=30,
-                           warmup_steps=3, lr=3e-3, min_lr=3e-4, eval_every=10**9,
-                           eval_batches=2, ckpt_every=10**9, sample_tokens=0, peak_flops=1.0)
+        model_config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
+        # batches of 16: the final eval covers the whole val split in 4x fewer steps
+        return TrainConfig(model=model_config, data=str(data), batch_size=16, max_steps=6,
+                           warmup_steps=1, lr=3e-3, min_lr=3e-4, eval_every=10**9,
+                           eval_batches=1, ckpt_every=10**9, sample_tokens=0, peak_flops=1.0)
     return TrainConfig(model=GPTConfig.preset("baby"), data=str(data), batch_size=4,
                        max_steps=200, warmup_steps=20, lr=1e-3, min_lr=1e-4, eval_every=50,
                        eval_batches=8, ckpt_every=10**9, sample_tokens=0, peak_flops=1.0)
@@ -65,7 +67,7 @@ def loss_by_position(params, config: GPTConfig, tokens: np.ndarray, length: int,
     return total / (n - n % 4)
 
 
-def run(quick: bool, out: Path, work: Path) -> dict:
+def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
     data = shakespeare_data(work)
     base = recipe(quick, data)
     T = base.model.block_size
@@ -73,8 +75,8 @@ def run(quick: bool, out: Path, work: Path) -> dict:
     rows = {}
     for scheme in SCHEMES:
         cfg = base.replace(model=base.model.replace(pos_embedding=scheme))
-        row = train_variant(cfg, work, f"pos-{scheme}")
-        config, params = checkpoint.load(row["config"]["out"])
+        row = train_seeds(cfg, work, f"pos-{scheme}", seeds)
+        config, params = checkpoint.load(row["config"]["out"])  # the first seed's model
         row["position_params"] = model.param_breakdown(config)["position_embedding"]
         row["total_params"] = model.param_breakdown(config)["total"]
         row["loss_by_position_T"] = loss_by_position(params, config, val, T, 64).tolist()
@@ -155,8 +157,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_experiment_args("python -m eval.positions", __doc__,
-                                 "a 2-layer toy, 30 steps per scheme", argv)
-    run(args.quick, args.out, args.work)
+                                 "a 1-layer toy, 6 steps per scheme", argv, seeds=True)
+    run(args.quick, args.out, args.work, args.seeds)
 
 
 if __name__ == "__main__":

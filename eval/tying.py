@@ -3,8 +3,9 @@
     python -m eval.tying [--quick] [--out eval/results] [--work out/claims]
 
 The parameter table comes from the shapes of every preset (tied and untied); the training
-comparison trains `baby` tied and untied with the same data, steps and learning rate (the
-tied run is the positions experiment's learned run: same config, trained once). Writes
+comparison trains `baby` tied and untied with the same data, steps and learning rate, at
+--seeds seeds (default 3; the tied runs are the positions experiment's learned runs: same
+configs, trained once). Writes
 tying.json and tying.png.
 """
 
@@ -18,7 +19,7 @@ from eval.common import (
     parse_experiment_args,
     shakespeare_data,
     trailing_mean,
-    train_variant,
+    train_seeds,
     write_json,
 )
 from eval.positions import recipe
@@ -42,7 +43,7 @@ def parameter_table() -> list[dict]:
     return rows
 
 
-def run(quick: bool, out: Path, work: Path) -> dict:
+def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
     table = parameter_table()
     for r in table:
         print(f"{r['preset']:<12} tied {r['tied']:>13,}  untied {r['untied']:>13,}  "
@@ -53,8 +54,8 @@ def run(quick: bool, out: Path, work: Path) -> dict:
     for tied in (True, False):
         cfg = base.replace(model=base.model.replace(pos_embedding="learned",
                                                     tie_embeddings=tied))
-        runs["tied" if tied else "untied"] = train_variant(
-            cfg, work, "pos-learned" if tied else "untied")
+        runs["tied" if tied else "untied"] = train_seeds(
+            cfg, work, "pos-learned" if tied else "untied", seeds)
     runs["tied"]["params"] = param_breakdown(base.model)["total"]
     runs["untied"]["params"] = param_breakdown(base.model.replace(tie_embeddings=False))["total"]
     for name, row in runs.items():
@@ -110,8 +111,8 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_experiment_args("python -m eval.tying", __doc__,
-                                 "a 2-layer toy for the training part", argv)
-    run(args.quick, args.out, args.work)
+                                 "a 1-layer toy for the training part", argv, seeds=True)
+    run(args.quick, args.out, args.work, args.seeds)
 
 
 if __name__ == "__main__":

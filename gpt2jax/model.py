@@ -48,18 +48,16 @@ def token_embedding_scale(config: GPTConfig) -> float:
 
 
 def deepnorm_constants(n_layer: int) -> tuple[float, float]:
-    """DeepNet decoder-only constants: residual scale alpha = (2N)^(1/4), init beta = (8N)^-1/4."""
+    """DeepNet's decoder-only constants (arXiv:2203.00555, Table 1): residual scale
+    alpha = (2N)^(1/4), init gain beta = (8N)^-1/4."""
     return (2 * n_layer) ** 0.25, (8 * n_layer) ** -0.25
 
 
-def _scaled_normal(std: float, value_cols: slice | None = None, value_scale: float = 1.0):
-    """N(0, std) init; optionally multiply the columns `value_cols` by `value_scale`."""
+def _scaled_normal(std: float):
+    """N(0, std) init."""
 
     def init(key, shape, dtype=jnp.float32):
-        w = jax.random.normal(key, shape, jnp.float32) * std
-        if value_cols is not None:
-            w = w.at[..., value_cols].multiply(value_scale)
-        return w.astype(dtype)
+        return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
     return init
 
@@ -138,10 +136,25 @@ class Norm(nn.Module):
         return y.astype(c.dtype)
 
 
+def xavier_normal(*gains: float) -> Callable:
+    """Xavier-normal init of a kernel made of len(gains) equal column blocks (c_attn's q, k,
+    v), each a (fan_in, fan_out) matrix of std gain·sqrt(2 / (fan_in + fan_out)): DeepNet's
+    init (Wang et al., arXiv:2203.00555, Figure 2), gain beta for v, the attention output and
+    the MLP, gain 1 for q and k."""
+
+    def init(key, shape, dtype=jnp.float32):
+        fan_in, fan_out = shape[-2], shape[-1] // len(gains)
+        std = jnp.repeat(jnp.asarray(gains, jnp.float32), fan_out)
+        std = std * math.sqrt(2 / (fan_in + fan_out))
+        return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
+
+    return init
+
+
 def _residual_init(c: GPTConfig) -> Callable:
     """Init of the projections that write into the residual stream."""
     if c.norm_placement == "deepnorm":
-        return _scaled_normal(c.init_std * deepnorm_constants(c.n_layer)[1])
+        return xavier_normal(deepnorm_constants(c.n_layer)[1])
     return _scaled_normal(c.init_std / math.sqrt(2 * c.n_layer))  # GPT-2 / nanoGPT
 
 
@@ -153,9 +166,8 @@ class Attention(nn.Module):
     def __call__(self, x_BTD, positions_BT, layer, cache):
         c = self.config
         B, T, D = x_BTD.shape
-        if c.norm_placement == "deepnorm":  # beta scales the value third of c_attn
-            beta = deepnorm_constants(c.n_layer)[1]
-            qkv_init = _scaled_normal(c.init_std, slice(2 * D, 3 * D), beta)
+        if c.norm_placement == "deepnorm":
+            qkv_init = xavier_normal(1.0, 1.0, deepnorm_constants(c.n_layer)[1])
         else:
             qkv_init = _scaled_normal(c.init_std)
         qkv = Linear(3 * D, c, qkv_init, name="c_attn")(x_BTD)
@@ -192,10 +204,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         c = self.config
-        fc_std = c.init_std
-        if c.norm_placement == "deepnorm":
-            fc_std *= deepnorm_constants(c.n_layer)[1]
-        h = Linear(4 * c.n_embd, c, _scaled_normal(fc_std), name="c_fc")(x)
+        fc_init = (xavier_normal(deepnorm_constants(c.n_layer)[1])
+                   if c.norm_placement == "deepnorm" else _scaled_normal(c.init_std))
+        h = Linear(4 * c.n_embd, c, fc_init, name="c_fc")(x)
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's gelu_new (tanh approximation)
         y = Linear(c.n_embd, c, _residual_init(c), name="c_proj")(h)
         return nn.Dropout(c.dropout, deterministic=self.deterministic)(y)

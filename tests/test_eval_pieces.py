@@ -48,8 +48,9 @@ def test_score_error_shrinks_with_bits():
     errors = [kv_quant.score_error(qk, CONFIG, TurboQuantConfig(bits=b))["score_rel_rmse"]
               for b in (1, 2, 3, 4)]
     assert all(a > b for a, b in zip(errors, errors[1:], strict=False)), errors
-    # SPECS §1.4: the relative MSE of a b-bit code is D_mse(b) (0.36, 0.117, 0.03, 0.009 at
-    # d=64); a score error is that distortion seen through q, so of order sqrt(D_mse)
+    # TurboQuant (arXiv:2504.19874), Theorem 1: the relative MSE of a b-bit code is D_mse(b)
+    # (0.36, 0.117, 0.03, 0.009 at d=64); a score error is that distortion seen through q, so
+    # of order sqrt(D_mse)
     assert 0.3 < errors[0] < 0.9 and errors[3] < 0.15
     exact = kv_quant.score_error(qk, CONFIG, TurboQuantConfig(bits=4))
     assert 0 <= exact["attention_tv"] < 0.1

