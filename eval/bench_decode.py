@@ -27,7 +27,7 @@ and loaded by GPT2LMHeadModel), same threads (the cores this process may use), g
 - the memory-bandwidth bound: a batch-1 decode step must read every weight once, so it
   cannot beat (measured DRAM read bandwidth) / (weight bytes).
 
---quick runs the `baby` preset at lengths 64 and 128, batch 1 only (a few minutes).
+--quick runs the `baby` preset at length 64, batch 1 only, 2 calls per cell: a smoke run.
 --readme writes the README's decode table from the JSON (`<!-- bench_decode:` markers).
 """
 
@@ -62,13 +62,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LENGTHS = (64, 128, 256, 512, 1024)
-QUICK_LENGTHS = (64, 128)
+QUICK_LENGTHS = (64,)
 BATCHES = (1, 8)
 HEADLINE, QUICK_HEADLINE = (32, 128), (32, 32)  # prompt tokens, new tokens
 NOCACHE_HEADLINE_NEW = 32  # recompute is ~10x slower: 128 new tokens x 6 calls took 6 min
 NOCACHE_NEW = 4
 NOCACHE_MAX_LENGTH_B8 = 256
-ROUNDS = 5  # timed calls per side and cell; the median counts
+ROUNDS, QUICK_ROUNDS = 5, 2  # timed calls per side and cell (the median counts); --quick is a
+# smoke run of the whole program, not a measurement
 INT8 = {"int8": dict(mode="weights"), "w8a8": dict(mode="w8a8"),
         "w8a8_emb": dict(mode="w8a8", embeddings=True)}
 TURBOQUANT = {"tq3": TurboQuantConfig(bits=3),  # headline sides gpt2jax_<tag>
@@ -165,15 +166,15 @@ def _call(side, prompts, new: int, cache: bool):
     return seconds, out
 
 
-def timed(sides, prompts, new: int, cache: bool) -> dict:
-    """{side name: (compile s, median steady s, tokens [B, new])} over ROUNDS calls each.
+def timed(sides, prompts, new: int, cache: bool, rounds: int) -> dict:
+    """{side name: (compile s, median steady s, tokens [B, new])} over `rounds` calls each.
 
     Every side gets one untimed warm-up call first; then the sides take turns, so a busy
     spell of the shared cores hits all alike, and the median call counts. A side that
     compiles: its warm-up call's excess over the median is the compile time."""
     first = {s.name: _call(s, prompts, new, cache)[0] for s in sides}
     times, outs = {s.name: [] for s in sides}, {}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for s in sides:
             seconds, outs[s.name] = _call(s, prompts, new, cache)
             times[s.name].append(seconds)
@@ -182,12 +183,12 @@ def timed(sides, prompts, new: int, cache: bool) -> dict:
                    statistics.median(ts), outs[name]) for name, ts in times.items()}
 
 
-def measure(sides, prompts: np.ndarray, cache: bool, new: int) -> list[dict]:
+def measure(sides, prompts: np.ndarray, cache: bool, new: int, rounds: int) -> list[dict]:
     """One row per side: decode tokens/s continuing `prompts` [B, P] by `new` tokens."""
     B = prompts.shape[0]
-    full = timed(sides, prompts, new, cache)
+    full = timed(sides, prompts, new, cache, rounds)
     if cache:  # subtract the prefill: a 1-token call on the same prompt
-        prefill = timed(sides, prompts, 1, cache)
+        prefill = timed(sides, prompts, 1, cache, rounds)
     rows = []
     for name, (compile_s, steady, _) in full.items():
         row = {"impl": name, "cache": cache, "batch": B, "length": prompts.shape[1] + new,
@@ -212,6 +213,7 @@ def run(preset: str, quick: bool, ckpt: str | None = None, lengths=None) -> dict
     import transformers
 
     threads = common.cores()
+    rounds = QUICK_ROUNDS if quick else ROUNDS
     torch.set_num_threads(threads)  # XLA's CPU client uses every core it is given
     if ckpt:
         config, params = checkpoint.load(ckpt)
@@ -232,7 +234,7 @@ def run(preset: str, quick: bool, ckpt: str | None = None, lengths=None) -> dict
         "preset": ckpt or preset, "quick": quick, "batches": list(batches),
         "machine": common.machine(), "threads": threads,
         "jax": jax.__version__, "torch": torch.__version__,
-        "transformers": transformers.__version__, "rounds": ROUNDS,
+        "transformers": transformers.__version__, "rounds": rounds,
         "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_start": os.getloadavg(),
         "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "weight_bytes_per_step": weight_bytes,
         "float32_bytes": int8.nbytes(params),
@@ -273,12 +275,13 @@ def run(preset: str, quick: bool, ckpt: str | None = None, lengths=None) -> dict
     for kind, job_sides, prompts, cache, new in tqdm(jobs, desc="decode benchmark",
                                                      unit="cell"):
         if kind == "sweep":
-            rows += measure(job_sides, prompts, cache, new)
+            rows += measure(job_sides, prompts, cache, new, rounds)
             continue
         # the headline is end to end: new tokens / wall seconds of the whole generate call
         B = prompts.shape[0]
         suffix = ("cache" if cache else "nocache") + ("" if B == 1 else f"_b{B}")
-        for name, (compile_s, steady, out) in timed(job_sides, prompts, new, cache).items():
+        for name, (compile_s, steady, out) in timed(job_sides, prompts, new, cache,
+                                                    rounds).items():
             results[f"{name}_{suffix}_tok_s"] = B * new / steady
             results[f"{name}_{suffix}_compile_s"] = compile_s
             tokens[(name, suffix)] = out
@@ -499,7 +502,7 @@ def main(argv=None) -> int:
                         help="model shape (default gpt2; baby with --quick)")
     parser.add_argument("--json", type=Path, help="default eval/results/bench_decode[_quick].json")
     parser.add_argument("--png", type=Path, help="default: the JSON path with .png")
-    parser.add_argument("--quick", action="store_true", help="baby preset, lengths 64 and 128")
+    parser.add_argument("--quick", action="store_true", help="smoke run: baby preset, length 64")
     parser.add_argument("--ckpt", help="a checkpoint's weights instead of random ones (an "
                         "int8 one is dequantized for the float32 side)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
