@@ -45,7 +45,7 @@ def run_key(cfg: train_config.TrainConfig, root: Path = ROOT) -> str:
 def trained_model(*, ckpt: str | None, quick: bool, out: str | Path,
                   minutes: float | None = None) -> tuple[GPTConfig, dict, np.ndarray]:
     """(config, params, val tokens): from a training checkpoint when given, else a run of the
-    shakespeare recipe cut to `minutes` (quick: a smaller model, 1 minute)."""
+    shakespeare recipe cut to `minutes` (quick: a 2-layer model, 30 steps)."""
     recipe = train_config.preset("shakespeare").replace(out=str(out))
     data_dir = resolve_data(recipe)  # Tiny Shakespeare encoded once into out/data
     val = np.asarray(data_lib.load_split(data_dir, "val"))
@@ -55,9 +55,9 @@ def trained_model(*, ckpt: str | None, quick: bool, out: str | Path,
     if quick:
         recipe = recipe.replace(
             model=recipe.model.replace(n_layer=2, n_head=2, n_embd=128, block_size=64),
-            warmup_steps=20, eval_batches=1,
+            warmup_steps=5, eval_batches=1, final_eval_batches=2, max_steps=30,
         )
-    recipe = recipe.replace(data=str(data_dir), max_minutes=minutes or (1.0 if quick else 5.0),
+    recipe = recipe.replace(data=str(data_dir), max_minutes=minutes or (None if quick else 5.0),
                             eval_every=10_000, ckpt_every=10**9, sample_tokens=0)
     train(recipe, progress=True)
     config, params = checkpoint.load(Path(out))

@@ -70,7 +70,8 @@ def kinds(head_dim: int, quick: bool = False) -> dict[str, object]:
     for bits in (2,) if quick else (2, 3):
         split = quarter_split(bits, head_dim)
         code_bits = bits_per_value(split, head_dim, include_norms=False)
-        for select in ("head", "layer", "first") if bits == 2 and not quick else ("head", "first"):
+        selects = ("head", "layer", "first") if bits == 2 else ("head", "first")
+        for select in ("head",) if quick else selects:
             out[f"tq{code_bits:g}-mse-{select}"] = TurboQuantConfig(
                 bits=bits, outlier=split, outlier_select=select)
     return out
@@ -175,7 +176,8 @@ def model_under_test(quick: bool, ckpt: str | None, work: Path) -> str:
     if quick:  # head dim 64 like GPT-2's, 1 layer of 1 head: seconds to train
         cfg = TrainConfig(model=GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=128),
                           data=str(data), batch_size=4, max_steps=30, warmup_steps=3, lr=3e-3,
-                          min_lr=3e-4, eval_every=10**9, eval_batches=2, ckpt_every=10**9,
+                          min_lr=3e-4, eval_every=10**9, eval_batches=2,
+                          final_eval_batches=2, ckpt_every=10**9,
                           sample_tokens=0, peak_flops=1.0)
         name = "kvq-tiny"
     else:
@@ -191,11 +193,11 @@ def run(quick: bool, out: Path, work: Path, ckpt: str | None = None) -> dict:
     config, params = checkpoint.load(ckpt)
     T, d = config.block_size, config.head_dim
     val = np.asarray(data_lib.load_split(shakespeare_data(work), "val"))
-    n_windows = 8 if quick else 16
+    n_windows = 2 if quick else 16
     windows = jnp.asarray(val[: n_windows * T].reshape(n_windows, T).astype(np.int32))
     new_tokens = min(NEW_TOKENS, T - PROMPT - 16)
-    prompts = [val[i * 997: i * 997 + PROMPT].tolist() for i in range(8)]
-    qk = queries_and_keys(params, config, windows[: 4 if quick else 8])
+    prompts = [val[i * 997: i * 997 + PROMPT].tolist() for i in range(2 if quick else 8)]
+    qk = queries_and_keys(params, config, windows[: 2 if quick else 8])
     reference = np.asarray(reference_nll(params, windows, config))
     float_tokens = greedy_tokens(params, config, prompts, new_tokens, "float32")
 

@@ -52,6 +52,7 @@ class Plan:
     alpha: float = 16.0
     lr: float = 1e-3
     ranks: tuple[int, ...] = RANKS
+    final_eval_batches: int = 0  # 0: the whole val split
 
 
 FULL = Plan(base_minutes=6.0, base_steps=100_000, base_warmup=100, base_model={},
@@ -59,7 +60,8 @@ FULL = Plan(base_minutes=6.0, base_steps=100_000, base_warmup=100, base_model={}
 # A smoke test: a 1-layer, 64-dim base of 6 steps, two ranks, 3 adapter steps each.
 QUICK = Plan(base_minutes=None, base_steps=6, base_warmup=1,
              base_model={"n_layer": 1, "n_head": 2, "n_embd": 64, "block_size": 32},
-             batch_size=16, steps=3, warmup=1, eval_every=10_000, ranks=(2, 16))
+             batch_size=16, steps=3, warmup=1, eval_every=10_000, ranks=(2, 16),
+             final_eval_batches=2)
 
 
 def split_text(out: Path) -> tuple[Path, Path]:
@@ -84,7 +86,7 @@ def train_base(plan: Plan, data: Path, out: Path) -> str:
     cfg = recipe.replace(
         model=recipe.model.replace(**plan.base_model), data=str(data), out=str(out),
         batch_size=plan.batch_size, max_minutes=plan.base_minutes, max_steps=plan.base_steps,
-        eval_every=10**9,
+        eval_every=10**9, final_eval_batches=plan.final_eval_batches,
         ckpt_every=10**9, sample_tokens=0, peak_flops=1.0, warmup_steps=plan.base_warmup,
     )
     result = train(cfg, progress=True)
@@ -100,7 +102,8 @@ def finetune(plan: Plan, base: str, data: Path, out: Path, method: str, rank: in
         init_from=base, lora_rank=rank, lora_alpha=plan.alpha, rslora=method == "rslora",
         batch_size=plan.batch_size, max_steps=plan.steps, warmup_steps=plan.warmup,
         lr=plan.lr, min_lr=plan.lr / 10, weight_decay=0.0, eval_every=plan.eval_every,
-        eval_batches=0, ckpt_every=10**9, sample_tokens=0, peak_flops=1.0, seed=seed,
+        eval_batches=plan.final_eval_batches, final_eval_batches=plan.final_eval_batches,
+        ckpt_every=10**9, sample_tokens=0, peak_flops=1.0, seed=seed,
     )
     t = time.perf_counter()
     result = train(cfg, progress=False)

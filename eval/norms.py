@@ -75,6 +75,7 @@ def recipe(quick: bool, data: Path) -> TrainConfig:
         return TrainConfig(model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16),
                            data=str(data), batch_size=32, max_steps=6, warmup_steps=0, lr=1e-3,
                            min_lr=1e-4, grad_clip=0.0, eval_every=10**9, eval_batches=1,
+                           final_eval_batches=2,
                            ckpt_every=10**9, sample_tokens=0, peak_flops=1.0)
     return TrainConfig(model=GPTConfig(n_layer=12, n_head=4, n_embd=128, block_size=64),
                        data=str(data), batch_size=8, max_steps=200, warmup_steps=0, lr=1e-3,
@@ -95,8 +96,10 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
                       f"last {norms[-1]:.3f} (last / median of the rest "
                       f"{last_over_rest(norms):.2f})")
     base = recipe(quick, data)
-    lrs = (3e-3,) if quick else LRS
-    warmups = (0,) if quick else (0, 50)
+    long_warmup = min(LONG["warmup_steps"], base.max_steps // 4)
+    # quick: the grid is the long runs' one setting at factor 1, so those runs are reused
+    lrs = (LONG["lr"],) if quick else LRS
+    warmups = (long_warmup,) if quick else (0, 50)
     runs = []
     for placement in PLACEMENTS:
         for lr in lrs:
@@ -109,13 +112,14 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
                 outcome = "DIVERGED" if row["diverged"] else f"val {row['val_loss']:.4f}"
                 print(f"{placement:<8} lr {lr:<6g} warmup {warmup:<3d} {outcome}")
     long_runs = {}
-    factor = 2 if quick else LONG["steps_factor"]
+    factor = 1 if quick else LONG["steps_factor"]
     for placement in PLACEMENTS:
         cfg = base.replace(model=base.model.replace(norm_placement=placement), lr=LONG["lr"],
-                           min_lr=LONG["lr"] / 10, warmup_steps=min(LONG["warmup_steps"],
-                                                                    base.max_steps // 4),
+                           min_lr=LONG["lr"] / 10, warmup_steps=long_warmup,
                            max_steps=base.max_steps * factor)
-        row = train_seeds(cfg, work, f"norm-{placement}-long", seeds)
+        # at factor 1 (quick) it is the grid's run of this setting, reused by its name
+        name = f"norm-{placement}-" + (f"lr{cfg.lr:g}-w{long_warmup}" if factor == 1 else "long")
+        row = train_seeds(cfg, work, name, seeds)
         long_runs[placement] = {k: v for k, v in row.items() if k != "config"}
         print(f"{placement:<8} {cfg.max_steps} steps: val {row['val_loss']}")
     strip = lambda r: {k: v for k, v in r.items() if k not in ("config", "train_loss")}

@@ -55,16 +55,17 @@ def greedy(params, config, prompts, new_tokens: int) -> np.ndarray:
                                key=jax.random.key(0), temperature=0.0))
 
 
-def run(params, config, val_tokens, *, max_tokens=None, calibration=None) -> dict:
-    """`calibration`: SmoothQuant's token ids (default: the first 512 of the training text)."""
+def run(params, config, val_tokens, *, max_tokens=None, calibration=None,
+        new_tokens: int = NEW_TOKENS, n_prompts: int = PROMPTS) -> dict:
+    """`calibration`: SmoothQuant's token ids (default: the first 512 of the training text);
+    greedy agreement over `n_prompts` val prompts and `new_tokens` new tokens."""
     calibration = calibration_tokens(None) if calibration is None else calibration
     smoothed = smoothquant(params, config, calibration, SMOOTH_ALPHA)
     outliers = activation_outliers(params, config, calibration)
-    new_tokens = NEW_TOKENS
     if config.pos_embedding == "learned":
         new_tokens = min(new_tokens, config.block_size - PROMPT_TOKENS)
-    step = max(1, (len(val_tokens) - PROMPT_TOKENS) // PROMPTS)
-    prompts = [val_tokens[i * step: i * step + PROMPT_TOKENS].tolist() for i in range(PROMPTS)]
+    step = max(1, (len(val_tokens) - PROMPT_TOKENS) // n_prompts)
+    prompts = [val_tokens[i * step: i * step + PROMPT_TOKENS].tolist() for i in range(n_prompts)]
     reference = greedy(params, config, prompts, new_tokens)
     rows = {}
     for name, variant in VARIANTS.items():
@@ -90,7 +91,7 @@ def run(params, config, val_tokens, *, max_tokens=None, calibration=None) -> dic
             "norm_bytes_saved_by_int8": int(norm_leaves * 3), "smooth_alpha": SMOOTH_ALPHA,
             "calibration_tokens": len(calibration), "greedy_new_tokens": new_tokens,
             "activation_outliers": outliers,
-            "greedy_prompts": PROMPTS}
+            "greedy_prompts": n_prompts}
 
 
 def activation_outliers(params, config, tokens) -> dict:
@@ -154,10 +155,11 @@ def readme_table(result: dict) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="~1-minute model, part of val")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: a 30-step toy model, part of val, 2 short greedy prompts")
     p.add_argument("--ckpt", help="evaluate this training checkpoint instead of training one")
     p.add_argument("--train-minutes", type=float, default=None,
-                   help="training budget when no --ckpt (default: 1 quick, 5 full)")
+                   help="training budget when no --ckpt (default 5; --quick: 30 steps)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--name", default="quantization",
                    help="results file stem: OUT/NAME.json and .png (one per model)")
@@ -174,7 +176,8 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as work:
         config, params, val = trained_model(ckpt=args.ckpt, quick=args.quick, out=work,
                                             minutes=args.train_minutes)
-        result = run(params, config, val, max_tokens=8192 if args.quick else None)
+        quick = dict(max_tokens=2048, new_tokens=32, n_prompts=2) if args.quick else {}
+        result = run(params, config, val, **quick)
     result["model"] = config.to_dict()
     summary = Path(args.ckpt or "", "summary.json")
     if args.ckpt and summary.exists():  # how the checkpoint was trained, from the trainer

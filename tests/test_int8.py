@@ -67,9 +67,9 @@ def test_124m_bytes_halve_exactly():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tied", [True, False])
-def test_quantized_124m_forward_close_under_jit(tied):
-    config = GPTConfig.gpt2(tie_embeddings=tied)
+def test_quantized_124m_forward_close_under_jit():
+    # tied only: the untied head is checked on the small model (test_untied_head_*)
+    config = GPTConfig.gpt2()
     params = gpt2jax.init_params(config, jax.random.key(0))
     q = int8.quantize(params)
     tokens = jax.random.randint(jax.random.key(1), (1, 32), 0, config.vocab_size)
@@ -148,7 +148,7 @@ def test_quantization_experiment_rows(small_params):
 
     val = np.asarray(jax.random.randint(jax.random.key(9), (200,), 0, SMALL.vocab_size))
     calibration = np.asarray(jax.random.randint(jax.random.key(8), (64,), 0, SMALL.vocab_size))
-    result = run(small_params, SMALL, val, calibration=calibration)
+    result = run(small_params, SMALL, val, calibration=calibration, new_tokens=16, n_prompts=2)
     rows = result["variants"]
     assert list(rows) == list(VARIANTS)
     assert rows["float32"]["delta_loss_pct"] == 0.0 and rows["float32"]["greedy_match"] == 1.0

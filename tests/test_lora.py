@@ -149,11 +149,12 @@ def test_rank_scaling_of_grad_b():
     config = GPTConfig(vocab_size=97, block_size=16, n_layer=1, n_head=4, n_embd=256)
     params = gpt2jax.init_params(config, jax.random.key(0))
     tokens = _tokens((4, 16), vocab=97)
+    grad = jax.jit(jax.grad(_loss, argnums=1), static_argnums=3)  # one compile per rank
 
     def grad_b_norm(rank, rslora, seed):
         adapters = lora.init(lora.LoRAConfig(rank, 16, rslora=rslora), config,
                              jax.random.key(seed))
-        g = jax.grad(_loss, argnums=1)(params, adapters, tokens, config).tree
+        g = grad(params, adapters, tokens, config).tree
         c_attn = g["h"]["attn"]["c_attn"]
         return float(jnp.sqrt(sum(jnp.sum(c_attn[k] ** 2) for k in ("q_b", "v_b"))))
 

@@ -51,6 +51,7 @@ TRAIN_FLAGS = (
     ("--warmup-steps", "warmup_steps", int), ("--weight-decay", "weight_decay", float),
     ("--beta1", "beta1", float), ("--beta2", "beta2", float), ("--grad-clip", "grad_clip", float),
     ("--eval-every", "eval_every", int), ("--eval-batches", "eval_batches", int),
+    ("--final-eval-batches", "final_eval_batches", int),
     ("--ckpt-every", "ckpt_every", int), ("--keep-checkpoints", "keep_checkpoints", int),
     ("--max-minutes", "max_minutes", float), ("--init-from", "init_from", str),
     ("--peak-flops", "peak_flops", float), ("--sample-tokens", "sample_tokens", int),

@@ -37,6 +37,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clip; 0 disables
     eval_every: int = 250
     eval_batches: int = 0  # batches per periodic eval; 0 = the whole val split
+    final_eval_batches: int = 0  # batches of the final eval; 0 = the whole val split (smoke
+    # runs of the experiments cap it: a toy model's eval is mostly its 50257-way head)
     ckpt_every: int = 500
     keep_checkpoints: int = 3
     max_minutes: float | None = None  # wall-clock budget of the whole run, final eval included
@@ -73,6 +75,11 @@ class TrainConfig:
                 f"batch_size={self.batch_size} does not split over mesh data={self.mesh_data} "
                 f"devices: use a multiple of {self.mesh_data}"
             )
+        for name in ("eval_batches", "final_eval_batches"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name}={value!r} must be 0 (the whole val "
+                                 f"split) or a positive integer")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"max_minutes={self.max_minutes} must be > 0")
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # JSON gives lists

@@ -435,7 +435,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
 
     val_loss = sample = None
     if stopped != "signal":
-        val_loss, _ = run_eval()
+        val_loss, _ = run_eval(cfg.final_eval_batches or None)
     save()
     checkpoints.close()
     if stopped != "signal" and cfg.sample_tokens > 0:
