@@ -2,7 +2,7 @@
 `eval.bench_decode` carries the official figures).
 
     python -m eval.bench_kvcache [--preset gpt2] [--batches 1 8] [--prompt 512] [--new 512]
-                                 [--rounds 3]
+                                 [--rounds 3] [--json eval/results/bench_kvcache.json]
 
 Random-init model of the preset's shape, greedy `generate` continuing a random prompt; per
 batch size and cache: decode tokens/s = B * (new - 1) / (best full call - best 1-token call),
@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
 
+from eval.common import RESULTS, machine, write_json
 from gpt2jax.config import GPTConfig
 from gpt2jax.generate import generate
 from gpt2jax.model import init_params
@@ -37,7 +40,8 @@ def run(preset: str, batches, prompt: int, new: int, rounds: int, caches) -> dic
     config = GPTConfig.preset(preset)
     params = init_params(config, jax.random.key(0))
     rng = np.random.default_rng(0)
-    out = {"preset": preset, "prompt": prompt, "new_tokens": new, "rounds": rounds}
+    out = {"preset": preset, "prompt": prompt, "new_tokens": new, "rounds": rounds,
+           "machine": machine(), "jax": jax.__version__, "load_average_start": os.getloadavg()}
     for B in batches:
         prompts = rng.integers(0, config.vocab_size, (B, prompt)).tolist()
         calls = {(name, n): (lambda kind=CACHES[name], n=n, prompts=prompts: np.asarray(
@@ -69,8 +73,11 @@ def main(argv=None) -> None:
     p.add_argument("--new", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--caches", nargs="+", default=["fp32", "tq3"], choices=list(CACHES))
+    p.add_argument("--json", type=Path, default=RESULTS / "bench_kvcache.json")
     args = p.parse_args(argv)
-    run(args.preset, args.batches, args.prompt, args.new, args.rounds, args.caches)
+    result = run(args.preset, args.batches, args.prompt, args.new, args.rounds, args.caches)
+    result["load_average_end"] = os.getloadavg()
+    print(f"wrote {write_json(args.json, result)}")
 
 
 if __name__ == "__main__":

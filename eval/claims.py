@@ -385,6 +385,37 @@ def readme_table(out: Path) -> str:
     return _md_table(["claim", "verdict", "measured", "command"], rows)
 
 
+def figures_table(out: Path) -> str:
+    """The README's "Other figures" table, from kv_quant.json, lora_rank_sweep.json and
+    train_shakespeare.json in `out`."""
+    kv = json.loads((out / "kv_quant.json").read_text())
+    tq, unbiased, bf16 = (kv["rows"][n] for n in ("tq3-mse", "tq3-mse-unbiased", "bfloat16"))
+    sweep = json.loads((out / "lora_rank_sweep.json").read_text())
+    by = {m: sorted((r["rank"], r["val_loss"]) for r in sweep["runs"] if r["method"] == m)
+          for m in ("lora", "rslora")}
+    ranks = [rank for rank, _ in by["lora"]]
+    job = json.loads((out / "train_shakespeare.json").read_text())
+    model = job["config"]["model"]
+    curve = lambda m: f"{by[m][0][1]:.3f} → {by[m][-1][1]:.3f}"
+    rows = [
+        ["TurboQuant 3-bit cache quality",
+         f"val loss {tq['delta_loss_pct']:+.2f}% ({unbiased['delta_loss_pct']:+.2f}% with the "
+         f"unbiased scale), {100 * tq['greedy_match']:.0f}% of {kv['new_tokens']} greedy tokens "
+         f"equal (bfloat16: {100 * bf16['greedy_match']:.1f}%), "
+         f"{tq['compression_vs_fp16']:.2f}× smaller than float16",
+         "float32 cache", f"`{kv['command']}`"],
+        [f"LoRA vs rsLoRA, rank {ranks[0]} → {ranks[-1]}",
+         f"LoRA val {curve('lora')}; rsLoRA {curve('rslora')}",
+         f"base {sweep['base_val_loss']:.3f}", f"`{sweep['command']}`"],
+        [f"main job: Tiny Shakespeare, {model['n_layer']}L/{model['n_embd']}d, "
+         f"{model['pos_embedding']} positions",
+         f"val loss {job['val_loss']:.3f} (full val split) after {job['wall_s']:.0f} s, "
+         f"{job['step']} steps ({job['machine']['cpu']}, {job['machine']['cores']} cores; "
+         f"`eval/results/train_shakespeare.json`)", "—", f"`{job['command']}`"],
+    ]
+    return _md_table(["what", "figure", "reference in the same run", "command"], rows)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m eval.claims", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -410,6 +441,7 @@ def main(argv=None) -> None:
     readme = args.readme or (README if out.resolve() == RESULTS.resolve() else None)
     if readme:
         write_readme_block("claims", readme_table(out), readme)
+        write_readme_block("figures", figures_table(out), readme)
     for module, s in seconds.items():
         print(f"{module:<24} {s:6.0f} s")
     print(f"wrote {out / 'REPORT.md'}")

@@ -225,6 +225,19 @@ def _select_outliers(x_NTD, heads: int, per: str):
     return _rows_of(outlier_permutation(x_NTD.reshape(N // heads, heads * T, d)), heads)[:, None]
 
 
+PREFIX_MIN = 64  # the shortest prefix a TurboQuant cache reads; then doubling to max_len
+
+
+def prefix_buckets(max_len: int) -> tuple[int, ...]:
+    """The static prefix lengths the coded attention may read: 64, 128, ... (doubling), and
+    max_len itself last."""
+    buckets, S = [], PREFIX_MIN
+    while S < max_len:
+        buckets.append(S)
+        S *= 2
+    return (*buckets, max_len)
+
+
 def _combine(m_NT, l_NT, scores_NTS, mask_NTS):
     """Fold one part's masked scores into a softmax's running max m and normaliser l: returns
     (unnormalised probabilities [N, T, S], the factor for earlier parts' sums, m, l)."""
@@ -246,7 +259,8 @@ class TurboQuantCache:
     positions before it (< lengths) through their codes, one softmax over both parts. Scores
     come from the key codes with the query rotated once; values are summed in the rotated
     space and rotated back once; the codebook lookup is fused with the unpacking (no int32
-    index copy); while no row has stored positions (a prefill) the codes are not read.
+    index copy); only the filled prefix of the codes is read, rounded up to a static length
+    (`prefix_buckets`), and nothing while no row has stored positions (a prefill).
 
     Outliers (tq.outlier with outlier_select "head" or "layer"): k_perm, v_perm per layer
     [batch * head, 1, head_dim] int32, the outlier-first channel order that a row's first
@@ -369,26 +383,41 @@ class TurboQuantCache:
     def _coded_prefix(self, layer, k_quantizer, v_quantizer, q_NTD, pos_NT1, start_N11,
                       window_pos_NW):
         """Softmax pieces over the codes of the stored positions (< lengths): (max [N, T],
-        normaliser [N, T], v_quantizer.rotated_sum of the unnormalised probabilities). Skipped
-        while no row has any (a prefill)."""
+        normaliser [N, T], v_quantizer.rotated_sum of the unnormalised probabilities).
+
+        Only the filled prefix is read: a `lax.switch` picks the smallest of the static
+        lengths `prefix_buckets(max_len)` that holds every row's stored positions, and that
+        branch reads the codes up to it (a `lax.cond` reads nothing while no row has any: a
+        prefill). The lengths are static shapes, so a decode loop compiles once, and it reads
+        less than twice the filled prefix (~1.4x averaged over a long decode) instead of all
+        max_len slots."""
         N, T, D = q_NTD.shape
-        pos_S = jnp.arange(self.max_len)
         nothing = (jnp.full((N, T), jnp.finfo(jnp.float32).min), jnp.zeros((N, T)))  # m, l
 
-        def coded(_):
+        # an iota made inside the branches let XLA constant-fold a prefill's masked scores
+        # (its lengths are a compile-time zero): 57 s instead of 7 s to compile the 124M
+        # model's 512-token prefill
+        positions = jnp.arange(self.max_len)
+
+        def coded(S: int):
+            pos_S = positions[:S]
             mask_NTS = (pos_S < start_N11) & (pos_S <= pos_NT1)
             if window_pos_NW is not None:  # slot p % W still holds p: read exactly there
                 held_NS = window_pos_NW[:, pos_S % self.window] == pos_S
                 mask_NTS &= ~held_NS[:, None, :]
-            scores_NTS = k_quantizer.scores(k_quantizer.prepare_query(q_NTD), self.k[layer])
+            prefix = lambda codes: jax.tree.map(lambda x: x[:, :S], codes)
+            scores_NTS = k_quantizer.scores(k_quantizer.prepare_query(q_NTD),
+                                            prefix(self.k[layer]))
             probs_NTS, _, m_NT, l_NT = _combine(*nothing, scores_NTS * D**-0.5, mask_NTS)
-            return m_NT, l_NT, v_quantizer.rotated_sum(probs_NTS, self.v[layer])
+            return m_NT, l_NT, v_quantizer.rotated_sum(probs_NTS, prefix(self.v[layer]))
 
-        def empty(_):
-            acc = jax.eval_shape(coded, None)[2]
-            return (*nothing, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), acc))
-
-        return jax.lax.cond(jnp.max(self.lengths) > 0, coded, empty, None)
+        buckets = prefix_buckets(self.max_len)
+        filled = jnp.max(self.lengths)
+        acc = jax.eval_shape(lambda: coded(buckets[0]))[2]
+        empty = lambda: (*nothing, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), acc))
+        read = lambda: jax.lax.switch(jnp.searchsorted(jnp.asarray(buckets), filled),
+                                      [functools.partial(coded, S) for S in buckets])
+        return jax.lax.cond(filled > 0, read, empty)
 
     def advance(self, num_tokens: int) -> TurboQuantCache:
         return self.replace(lengths=self.lengths + num_tokens)

@@ -53,7 +53,8 @@ def test_report_only_rewrites_report_and_readme_from_the_json_without_training(t
     out = tmp_path / "results"
     shutil.copytree(RESULTS, out, ignore=shutil.ignore_patterns("quick", "REPORT.md"))
     readme = tmp_path / "README.md"
-    readme.write_text("before\n<!-- claims:begin -->\nstale\n<!-- claims:end -->\nafter\n")
+    readme.write_text("before\n<!-- claims:begin -->\nstale\n<!-- claims:end -->\n"
+                      "<!-- figures:begin -->\nstale\n<!-- figures:end -->\nafter\n")
     claims.main(["--report-only", "--out", str(out), "--work", str(tmp_path / "work"),
                  "--readme", str(readme)])
     assert not (tmp_path / "work").exists()  # nothing trained
@@ -68,11 +69,12 @@ def test_report_only_rewrites_report_and_readme_from_the_json_without_training(t
 
 
 def test_committed_report_and_readme_are_what_the_json_gives(tmp_path):
-    """Figures in REPORT.md and the README's claims table come from eval/results/*.json by
-    code: regenerating them changes nothing."""
+    """Figures in REPORT.md and the README's claims and other-figures tables come from
+    eval/results/*.json by code: regenerating them changes nothing."""
     readme = tmp_path / "README.md"
     shutil.copy(REPO / "README.md", readme)
     write_readme_block("claims", claims.readme_table(RESULTS), readme)
+    write_readme_block("figures", claims.figures_table(RESULTS), readme)
     hint = "stale: run `python -m eval.claims --report-only`"
     assert readme.read_text() == (REPO / "README.md").read_text(), hint
     assert claims.report(False, RESULTS) == (RESULTS / "REPORT.md").read_text(), hint

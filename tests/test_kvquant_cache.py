@@ -181,6 +181,34 @@ def test_window_reads_the_slots_it_still_holds_and_codes_for_the_rest():
     assert held[1].nonzero()[0].tolist() == [6, 7, 8, 9]
 
 
+def test_decode_reads_the_smallest_prefix_holding_every_stored_position(monkeypatch):
+    """Decode attention reads the codes up to the smallest of `prefix_buckets` that holds
+    every row's stored positions: equal to reading all max_len slots (to float rounding).
+    The lengths sit at the edges (65 needs 128, 130 needs 256): a bucket one too small would
+    drop a stored key and move the output far past the tolerance."""
+    from gpt2jax import kvcache
+
+    assert kvcache.prefix_buckets(512) == (64, 128, 256, 512)
+    assert kvcache.prefix_buckets(1088)[-2:] == (1024, 1088)
+    assert kvcache.prefix_buckets(16) == (16,)
+    config = GPTConfig(**{**TINY, "n_layer": 1, "n_embd": 64, "block_size": 512})
+    B, H, D, S = 2, config.n_head, config.head_dim, 512
+    rng = np.random.default_rng(0)
+    normal = lambda T: jnp.asarray(rng.normal(size=(B, T, H, D)), jnp.float32)
+    k, v = normal(130), normal(130)
+    attend = lambda c, q, k1, v1: c.attend(0, q, c.lengths[:, None], k1, v1)
+    for lengths in ([10, 40], [65, 3], [130, 129]):  # buckets 64, 128, 256
+        cache = init_turboquant_cache(config, B, S, TurboQuantConfig(bits=3)).write(0, k, v)
+        cache = cache.replace(lengths=jnp.array(lengths, jnp.int32))
+        q, k1, v1 = normal(1), normal(1), normal(1)
+        cache = cache.write(0, k1, v1)
+        prefix = attend(cache, q, k1, v1)  # eager: jit would reuse one trace for both
+        with monkeypatch.context() as m:
+            m.setattr(kvcache, "prefix_buckets", lambda max_len: (max_len,))
+            whole = attend(cache, q, k1, v1)
+        np.testing.assert_allclose(prefix, whole, atol=1e-5, rtol=1e-5)
+
+
 # ---------------------------------------------------------------------------- outliers
 
 
