@@ -13,8 +13,8 @@ Interface every cache kind implements (so attention never branches on the kind):
 - `nbytes`: the bytes its arrays hold.
 
 Kinds: `KVCache` (float, `init_cache`) and `TurboQuantCache` (`init_turboquant_cache`: packed
-TurboQuant codes, SPECS §1.11, plus an optional float window of the most recent tokens);
-`make_cache` builds either from the `kv_cache` argument of `generate`.
+TurboQuant codes, arXiv:2504.19874 Algorithms 1–2, plus an optional float window of the most
+recent tokens); `make_cache` builds either from the `kv_cache` argument of `generate`.
 
 Memory: 2 (k and v) x n_layer x batch x max_len x n_embd x bytes per element for the float
 cache; TurboQuant replaces the bytes per element by `turboquant.bits_per_value / 8`.

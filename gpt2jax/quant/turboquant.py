@@ -3,13 +3,14 @@
 A vector x [..., d] is stored as its norm (float16 by default) and the b-bit indices of the
 coordinates of the rotated unit vector `Pi x / ||x||`, each coordinate quantized with the
 Lloyd-Max codebook of the exact density of one coordinate of a uniform point on the sphere
-(SPECS §1.2-1.4, `TurboQuantMSE`). `TurboQuantProd` spends one of its b bits per coordinate
-on the signs of a Gaussian projection of the residual (QJL) plus the residual norm gamma, which
-makes inner products unbiased (§1.6-1.7). Attention never reconstructs a stored vector: the
-query is rotated (and projected) once, scores are dot products with codebook entries in the
-rotated space, and values are summed in the rotated space and rotated back once.
+(Lemma 1, Algorithm 1: `TurboQuantMSE`). `TurboQuantProd` spends one of its b bits per
+coordinate on the signs of a Gaussian projection of the residual (QJL, Definition 1) plus the
+residual norm gamma, which makes inner products unbiased (Algorithm 2, Theorem 2). Attention
+never reconstructs a stored vector: the query is rotated (and projected) once, scores are dot
+products with codebook entries in the rotated space, and values are summed in the rotated
+space and rotated back once.
 
-Choices (SPECS leaves them open):
+Choices (the paper leaves them open):
 
 - One rotation Pi (and one QJL matrix S) per quantizer instance, a pure function of
   (seed, d): numpy's PCG64 seeded by the seed, d and the matrix's role. The caller picks the
@@ -52,7 +53,7 @@ NORM_DTYPES = ("float16", "float32")
 # layer, head) or per (sequence, layer), or channels 0..n-1 (no selection, for comparison)
 OUTLIER_SELECT = ("head", "layer", "first")
 MIN_DIM = 2  # the coordinate density C_d (1 - t^2)^((d-3)/2) is a density only for d >= 2
-QJL_SCALE = math.sqrt(math.pi / 2)  # Q_qjl^{-1}(z) = QJL_SCALE / d * S^T z (SPECS §1.6)
+QJL_SCALE = math.sqrt(math.pi / 2)  # Q_qjl^{-1}(z) = QJL_SCALE / d * S^T z (Definition 1)
 _HI = jax.lax.Precision.HIGHEST  # keep rotations in full float32 on accelerators too
 _LLOYD_TOL = 1e-12  # max movement of sqrt(d) * centroid between Lloyd steps
 _LLOYD_MAX_STEPS = 100_000
@@ -103,7 +104,7 @@ def _seed_tuple(seed: Seed) -> tuple[int, ...]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Lloyd-Max codebooks on the exact coordinate density (SPECS §1.2-1.3), float64 numpy
+# Lloyd-Max codebooks on the exact coordinate density (Lemma 1, Theorem 1), float64 numpy
 
 
 def _log_c(d: int) -> float:
@@ -318,7 +319,7 @@ class TurboQuantMSE:
     bits: int = struct.field(pytree_node=False)
     norm_dtype: str = struct.field(pytree_node=False, default="float16")
     # store ||x|| / <Pi u, c[idx]> instead of ||x||: <x, x~> = ||x||^2, so scores and value
-    # sums are not shrunk by (1 - D_mse) (SPECS §1.5's optional scale); same bytes
+    # sums are not shrunk by (1 - D_mse) (the optional scale of arXiv:2604.18555); same bytes
     unbiased: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
@@ -479,7 +480,7 @@ class TurboQuantProd:
 
 
 # ---------------------------------------------------------------------------------------------
-# Fractional rates: an outlier split of the original channels (SPECS §1.9)
+# Fractional rates: an outlier split of the original channels (the paper's 2.5 / 3.5-bit settings)
 
 
 @dataclasses.dataclass(frozen=True)
