@@ -7,6 +7,10 @@
 Random-init model of the preset's shape, greedy `generate` continuing a random prompt; per
 batch size and cache: decode tokens/s = B * (new - 1) / (best full call - best 1-token call),
 the calls of the caches taking turns so a busy spell of the shared cores hits all alike.
+
+--per-layer F [F ...]: instead, one layer's decode attention (`cache.attend`, jitted alone)
+with a fraction F of a max_len = prompt + new cache filled, per batch and cache: the best of
+20 calls, the sides taking turns. It shows what reading only the filled prefix buys.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from eval.common import RESULTS, machine, write_json
 from gpt2jax.config import GPTConfig
 from gpt2jax.generate import generate
+from gpt2jax.kvcache import make_cache
 from gpt2jax.model import init_params
 from gpt2jax.quant.turboquant import TurboQuantConfig
 
@@ -40,8 +46,7 @@ def run(preset: str, batches, prompt: int, new: int, rounds: int, caches) -> dic
     config = GPTConfig.preset(preset)
     params = init_params(config, jax.random.key(0))
     rng = np.random.default_rng(0)
-    out = {"preset": preset, "prompt": prompt, "new_tokens": new, "rounds": rounds,
-           "machine": machine(), "jax": jax.__version__, "load_average_start": os.getloadavg()}
+    out = {"prompt": prompt, "new_tokens": new, "rounds": rounds}
     for B in batches:
         prompts = rng.integers(0, config.vocab_size, (B, prompt)).tolist()
         calls = {(name, n): (lambda kind=CACHES[name], n=n, prompts=prompts: np.asarray(
@@ -65,6 +70,35 @@ def run(preset: str, batches, prompt: int, new: int, rounds: int, caches) -> dic
     return out
 
 
+def per_layer(preset: str, batches, max_len: int, fractions, caches, calls: int = 20) -> dict:
+    """Milliseconds per call of one layer's decode attention with a fraction of the cache
+    filled (random keys and values): {"<cache>_ms_b<B>_f<F>": best of `calls`}."""
+    config = GPTConfig.preset(preset)
+    H, D = config.n_head, config.head_dim
+    rng = np.random.default_rng(0)
+    normal = lambda B, T: jnp.asarray(rng.standard_normal((B, T, H, D)), jnp.float32)
+    attend = jax.jit(lambda c, q, k, v: c.attend(0, q, c.lengths[:, None], k, v))
+    out = {}
+    for B in batches:
+        for fraction in fractions:
+            filled = int(fraction * max_len)
+            k, v, q, k1, v1 = normal(B, filled), normal(B, filled), *(normal(B, 1) for _ in "qkv")
+            filled_caches = {name: make_cache(config, B, max_len, CACHES[name]).write(0, k, v)
+                             .advance(filled).write(0, k1, v1) for name in caches}
+            times = {name: [] for name in caches}
+            for cache in filled_caches.values():  # compile
+                attend(cache, q, k1, v1).block_until_ready()
+            for _ in range(calls):
+                for name, cache in filled_caches.items():
+                    args = (cache, q, k1, v1)
+                    times[name].append(_seconds(lambda a=args: attend(*a).block_until_ready()))
+            for name in caches:
+                out[f"{name}_ms_b{B}_f{fraction:g}"] = 1e3 * min(times[name])
+            print(" ".join(f"{k} {v:.2f}" for k, v in out.items() if f"_b{B}_f{fraction:g}" in k),
+                  flush=True)
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser("python -m eval.bench_kvcache", description=__doc__)
     p.add_argument("--preset", default="gpt2")
@@ -73,11 +107,22 @@ def main(argv=None) -> None:
     p.add_argument("--new", type=int, default=512)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--caches", nargs="+", default=["fp32", "tq3"], choices=list(CACHES))
-    p.add_argument("--json", type=Path, default=RESULTS / "bench_kvcache.json")
+    p.add_argument("--per-layer", type=float, nargs="+", metavar="F",
+                   help="time one layer's attention at these filled fractions instead")
+    p.add_argument("--json", type=Path, help="default eval/results/bench_kvcache[_layer].json")
     args = p.parse_args(argv)
-    result = run(args.preset, args.batches, args.prompt, args.new, args.rounds, args.caches)
+    machine_info = {"preset": args.preset, "machine": machine(), "jax": jax.__version__,
+                    "load_average_start": os.getloadavg()}
+    if args.per_layer:
+        max_len = args.prompt + args.new
+        result = {**machine_info, "max_len": max_len,
+                  **per_layer(args.preset, args.batches, max_len, args.per_layer, args.caches)}
+    else:
+        result = {**machine_info, **run(args.preset, args.batches, args.prompt, args.new,
+                                        args.rounds, args.caches)}
     result["load_average_end"] = os.getloadavg()
-    print(f"wrote {write_json(args.json, result)}")
+    default = RESULTS / f"bench_kvcache{'_layer' if args.per_layer else ''}.json"
+    print(f"wrote {write_json(args.json or default, result)}")
 
 
 if __name__ == "__main__":
