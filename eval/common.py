@@ -7,7 +7,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from gpt2jax import checkpoint, cli
 from gpt2jax.config import GPTConfig
 from train import config as train_config
 from train import data as data_lib
+from train.perf import cores, cpu_model, machine  # noqa: F401 (the benchmarks' import)
 from train.trainer import NonFiniteLossError, resolve_data, train
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -176,28 +176,6 @@ def perplexity(nll: float) -> float:
 
 
 README = ROOT / "README.md"
-
-
-def cores() -> int:
-    """The cores this process may run on (not the machine's count: containers pin)."""
-    return len(os.sched_getaffinity(0))
-
-
-def cpu_model() -> str:
-    """lscpu's model name: ratios against PyTorch follow the host (BUILD_NOTES)."""
-    info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if ":" in line)
-    info = {k.strip(): v.strip() for k, v in info.items()}
-    name = info.get("model name", "unknown CPU")
-    # a bare "AMD EPYC" names no generation: family 25 is Zen 3/4, 26 Zen 5
-    return f"{name} (family {info['cpu family']}, model {info['model']})" \
-        if "cpu family" in info and "model" in info else name
-
-
-def machine() -> dict:
-    policy = os.sched_getscheduler(0)
-    names = {os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR"}
-    return {"cpu": cpu_model(), "cores": cores(), "sched": names.get(policy, str(policy))}
 
 
 def write_readme_block(name: str, text: str, readme: Path = README) -> None:

@@ -4,9 +4,11 @@
 
 Val loss / perplexity on the whole val split, greedy agreement with float32 over 200 new
 tokens (8 val prompts), and bytes for: float32; int8 weights per-channel (norms skipped, the
-default), per-tensor, and with the norm leaves quantized too; W8A8 (int8 activations per
-token) without and with SmoothQuant (α = 0.5, calibrated on the first 512 tokens of the
-training text), and that with `wte` int8 too. Writes quantization.json and quantization.png.
+default), per-tensor, and with the norm leaves quantized too (int8 and 4-bit, one scale per γ
+and per β vector; 4-bit values kept one per byte, so their bytes are int8's); W8A8 (int8
+activations per token) without and with SmoothQuant (α = 0.5, calibrated on the first 512
+tokens of the training text), and that with `wte` int8 too. Writes quantization.json and
+quantization.png.
 """
 
 from __future__ import annotations
@@ -36,16 +38,33 @@ from gpt2jax.quant import int8  # noqa: E402
 from gpt2jax.quantize import calibrate, calibration_tokens, smoothquant  # noqa: E402
 
 SMOOTH_ALPHA = 0.5
-# name: (quantize() keyword arguments, SmoothQuant first)
+
+
+def norms_at(bits: int):
+    """int8 kernels (per channel) with the norm leaves quantized to `bits`, one scale per γ
+    and per β vector (per tensor: a scale per entry would be lossless by construction)."""
+    def build(params, smoothed):
+        def convert(path, leaf):
+            if not int8.is_norm_leaf(path):
+                return leaf
+            return int8.QTensor(*int8.absmax_quantize(leaf, (-1,), bits))
+        return jax.tree_util.tree_map_with_path(
+            convert, int8.quantize(params), is_leaf=lambda x: isinstance(x, int8.QTensor))
+    return build
+
+
+# name: (float params, SmoothQuant-ed params) -> the evaluated tree
 VARIANTS = {
-    "float32": None,
-    "int8 per-channel (norms float)": (dict(granularity="channel"), False),
-    "int8 per-tensor (norms float)": (dict(granularity="tensor"), False),
-    "int8 per-channel + norms int8": (dict(granularity="channel",
-                                           skip=int8.skip_embeddings_and_biases), False),
-    "w8a8": (dict(mode="w8a8"), False),
-    "w8a8 + SmoothQuant": (dict(mode="w8a8"), True),
-    "w8a8 + SmoothQuant + wte int8": (dict(mode="w8a8", embeddings=True), True),
+    "float32": lambda params, smoothed: params,
+    "int8 per-channel (norms float)": lambda params, smoothed: int8.quantize(params),
+    "int8 per-tensor (norms float)":
+        lambda params, smoothed: int8.quantize(params, granularity="tensor"),
+    "int8 per-channel + norms int8": norms_at(8),
+    "int8 per-channel + norms 4-bit": norms_at(4),
+    "w8a8": lambda params, smoothed: int8.quantize(params, mode="w8a8"),
+    "w8a8 + SmoothQuant": lambda params, smoothed: int8.quantize(smoothed, mode="w8a8"),
+    "w8a8 + SmoothQuant + wte int8":
+        lambda params, smoothed: int8.quantize(smoothed, mode="w8a8", embeddings=True),
 }
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 8, 16, 200
 
@@ -68,11 +87,8 @@ def run(params, config, val_tokens, *, max_tokens=None, calibration=None,
     prompts = [val_tokens[i * step: i * step + PROMPT_TOKENS].tolist() for i in range(n_prompts)]
     reference = greedy(params, config, prompts, new_tokens)
     rows = {}
-    for name, variant in VARIANTS.items():
-        tree = params
-        if variant is not None:
-            kwargs, smooth = variant
-            tree = int8.quantize(smoothed if smooth else params, **kwargs)
+    for name, build in VARIANTS.items():
+        tree = build(params, smoothed)
         nll = val_loss(tree, config, val_tokens, max_tokens=max_tokens)
         equal = greedy(tree, config, prompts, new_tokens) == reference
         rows[name] = {"val_loss": nll, "perplexity": perplexity(nll), "bytes": int8.nbytes(tree),

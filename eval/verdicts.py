@@ -299,7 +299,8 @@ RULES = {
            f"smaller than float16 with norms counted, within {ZERO_LOSS_PCT}% loss and "
            f"{100 * ZERO_LOSS_GREEDY:.0f}% greedy agreement; in part if some parts hold"),
     "int8": (f"holds if the norms' int8 saving is under {NORM_SAVING_MAX_PCT}% of the int8 "
-             f"model's bytes and quantizing them raises val loss by more than "
+             f"model's bytes and quantizing them to int8 (one scale per γ and per β vector) "
+             f"raises val loss by more than "
              f"{NORM_COST_MIN_PCT} points of % over skipping them; in part if one holds"),
 }
 SEEDS_RULE = (f"Training comparisons: a difference counts when |Δ mean| > {SPREAD_FACTOR:g} × "

@@ -132,3 +132,19 @@ def test_report_shows_seed_spread_of_multi_seed_runs(tmp_path):
         assert "± 0.010 (3 seeds)" in sections[title], title
     # LoRA's rank-4 and rank-256 losses differ by 0.002 nats: below 2 pooled sd (0.02)
     assert "LoRA stops improving with rank: holds" in sections[claims.CLAIMS[0].title]
+
+
+def test_int8_verdict_reads_the_int8_norm_rows_not_the_4_bit_one():
+    """The article says int8 norms cost accuracy: a 4-bit row that costs 1% must not make
+    that part hold when int8 norms cost nothing."""
+    row = lambda delta: {"val_loss": 4.0, "delta_loss_pct": delta, "bytes": 1_000_000,
+                         "size_vs_float32": 0.3}
+    result = {"norm_bytes_saved_by_int8": 1_000, "norm_params": 333, "variants": {
+        "float32": row(0.0), "int8 per-channel (norms float)": row(0.001),
+        "int8 per-channel + norms int8": row(0.002), "int8 per-channel + norms 4-bit": row(1.0)}}
+    section = claims.render_int8({"quantization.json": result})
+    assert section.verdict.parts["quantizing norms costs accuracy"] == "does not hold"
+    assert "for scale: int8 per-channel + norms 4-bit +1.0000%" in section.why
+    result["variants"]["int8 per-channel + norms int8"] = row(0.5)
+    section = claims.render_int8({"quantization.json": result})
+    assert section.verdict.parts["quantizing norms costs accuracy"] == "holds"

@@ -158,6 +158,22 @@ def test_quantization_experiment_rows(small_params):
     saved = (rows["int8 per-channel (norms float)"]["bytes"]
              - rows["int8 per-channel + norms int8"]["bytes"])
     assert 0 < saved <= result["norm_bytes_saved_by_int8"]
+    # 4-bit norms: held one per byte, so the bytes are int8's; the values are coarser
+    assert (rows["int8 per-channel + norms 4-bit"]["bytes"]
+            == rows["int8 per-channel + norms int8"]["bytes"])
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_absmax_quantize_at_fewer_bits(bits):
+    w = jax.random.normal(jax.random.key(3), (3, 40)) * jnp.arange(1, 4)[:, None]
+    values, scale = int8.absmax_quantize(w, (-1,), bits)
+    levels = 2 ** (bits - 1) - 1
+    assert values.dtype == jnp.int8 and scale.shape == (3, 1)
+    assert int(jnp.abs(values).max()) == levels  # the absmax entry takes the top level
+    np.testing.assert_allclose(scale[:, 0], jnp.abs(w).max(-1) / levels, rtol=1e-6)
+    assert float(jnp.max(jnp.abs(values * scale - w) - scale / 2)) <= 1e-6  # round to nearest
+    with pytest.raises(ValueError, match="bits=9 is invalid"):
+        int8.absmax_quantize(w, (-1,), 9)
 
 
 # ---------------------------------------------------------------------------- W8A8

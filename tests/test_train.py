@@ -4,6 +4,7 @@ newest checkpoint, refuses another config's checkpoint, and stops cleanly on NaN
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import signal
 
@@ -210,10 +211,18 @@ def test_cli_trains_every_switch_and_prints_a_sample(corpus, tmp_path, capsys):
             "--max-steps", "3", "--warmup-steps", "1", "--eval-every", "2", "--eval-batches",
             "1", "--ckpt-every", "2", "--sample-tokens", "8", "--max-minutes", "0",
             "--peak-flops", "1e11", "--no-progress", "--pos", "rope", "--norm", "rmsnorm",
-            "--norm-placement", "post", "--untied", "--no-bias", "--dropout", "0"]
+            "--norm-placement", "post", "--untied", "--no-bias", "--dropout", "0",
+            "--results", str(tmp_path / "results" / "job.json")]
     assert train_main(argv) == 0
     out = capsys.readouterr().out
     assert "step 3: val loss" in out and "---- sample ----" in out
+    # --results: the run's summary, the command that made it and the machine, and the curve
+    results = json.loads((tmp_path / "results" / "job.json").read_text())
+    summary = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert results == {**summary, "command": "python -m train " + shlex.join(argv)}
+    assert results["step"] == 3 and results["machine"]["cores"] >= 1
+    png = (tmp_path / "results" / "job.png").read_bytes()
+    assert png == (tmp_path / "cli" / "loss_curve.png").read_bytes()
     # the sample starts from the data's first line, not from blank lines
     assert out.split("---- sample ----\n")[1].startswith("First Citizen:\n")
     config, params = ckpt_lib.load(tmp_path / "cli")

@@ -15,8 +15,12 @@ continuing a peft adapter:
 from __future__ import annotations
 
 import argparse
+import json
+import shlex
+import shutil
 import sys
 import traceback
+from pathlib import Path
 
 import jax
 
@@ -104,6 +108,10 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config as JSON and exit")
+    p.add_argument("--results", type=Path, metavar="FILE.json",
+                   help="also write the run's summary.json with this command line to FILE.json "
+                        "and its loss curve to FILE.png (how eval/results/train_shakespeare.json "
+                        "is made)")
     return p
 
 
@@ -143,7 +151,7 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
-def _train(args) -> int:
+def _train(args, argv: list[str]) -> int:
     sharding.initialize_distributed()  # before anything touches a device (the platform does)
     cfg = config_from_args(args, jax.default_backend())
     if args.print_config:
@@ -171,11 +179,23 @@ def _train(args) -> int:
     if result.sample:
         print("---- sample ----")
         print(result.sample)
+    if args.results:
+        write_results(result.out, args.results, "python -m train " + shlex.join(argv))
     return 0
 
 
+def write_results(run_dir: Path, path: Path, command: str) -> None:
+    """The run's summary.json plus `command` to `path`, its loss curve to path.png."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**summary, "command": command}, indent=2))
+    shutil.copyfile(Path(run_dir) / "loss_curve.png", path.with_suffix(".png"))
+    print(f"wrote {path} and {path.with_suffix('.png')}")
+
+
 def main(argv=None) -> int:
-    return cli.run(_train, build_parser(), argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return cli.run(lambda args: _train(args, argv), build_parser(), argv)
 
 
 if __name__ == "__main__":

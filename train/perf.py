@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import platform
 import statistics
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -43,3 +46,32 @@ def measure_peak_flops(dtype: str = "float32", n: int = 2048) -> float:
     a = jnp.ones((n, n), jnp.dtype(dtype))
     matmul = jax.jit(lambda x, y: x @ y)
     return sustained_flops(lambda: matmul(a, a).block_until_ready(), n)
+
+
+def cores() -> int:
+    """The cores this process may run on (not the machine's count: containers pin)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1  # macOS has no affinity call
+
+
+def cpu_model() -> str:
+    """lscpu's model name: ratios against PyTorch follow the host (BUILD_NOTES)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists():  # not Linux
+        return platform.processor() or platform.machine() or "unknown CPU"
+    info = dict(line.split(":", 1) for line in cpuinfo.read_text().splitlines() if ":" in line)
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    name = info.get("model name", "unknown CPU")
+    # a bare "AMD EPYC" names no generation: family 25 is Zen 3/4, 26 Zen 5
+    return f"{name} (family {info['cpu family']}, model {info['model']})" \
+        if "cpu family" in info and "model" in info else name
+
+
+def machine() -> dict:
+    """What a figure was measured on: CPU model, usable cores, scheduling policy."""
+    if not hasattr(os, "sched_getscheduler"):
+        return {"cpu": cpu_model(), "cores": cores()}
+    policy = os.sched_getscheduler(0)
+    names = {os.SCHED_OTHER: "SCHED_OTHER", os.SCHED_FIFO: "SCHED_FIFO", os.SCHED_RR: "SCHED_RR"}
+    return {"cpu": cpu_model(), "cores": cores(), "sched": names.get(policy, str(policy))}

@@ -457,7 +457,7 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
         plot_curves(metrics_path, out / "loss_curve.png")
         summary = {k: v for k, v in dataclasses.asdict(result).items()
                    if k not in ("losses", "config")}
-        summary.update(config=cfg.to_dict(), out=str(out), peak_flops=peak,
+        summary.update(config=cfg.to_dict(), out=str(out), machine=perf.machine(), peak_flops=peak,
                        flops_per_token=flops_per_token, trainable_params=trainable_count,
                        frozen_base_bytes=int8.nbytes(frozen[0]) if frozen else None,
                        final_train_loss=losses[-1] if losses else None)

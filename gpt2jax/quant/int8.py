@@ -84,11 +84,16 @@ def skip_embeddings_and_biases(path, leaf) -> bool:
     return not (is_kernel_leaf(path) or is_norm_leaf(path))
 
 
-def _absmax_int8(w: jax.Array, axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """(int8 values in [-127, 127], float32 scale) with one scale per slice over `axes`."""
+def absmax_quantize(w: jax.Array, axes: tuple[int, ...], bits: int = 8
+                    ) -> tuple[jax.Array, jax.Array]:
+    """(int8 values in [-m, m], m = 2^(bits-1) - 1, float32 scale) with one scale per slice
+    over `axes`. Below 8 bits the values still take an int8 byte each (unpacked)."""
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits={bits} is invalid: symmetric absmax needs 2 to 8 bits")
+    levels = 2 ** (bits - 1) - 1
     absmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-    scale = jnp.where(absmax > 0, absmax / 127.0, 1.0)  # an all-zero slice stays exactly 0
-    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8), scale
+    scale = jnp.where(absmax > 0, absmax / levels, 1.0)  # an all-zero slice stays exactly 0
+    return jnp.clip(jnp.round(w / scale), -levels, levels).astype(jnp.int8), scale
 
 
 def quantize_array(w: jax.Array, *, granularity: str = "channel", kernel: bool = True,
@@ -100,17 +105,17 @@ def quantize_array(w: jax.Array, *, granularity: str = "channel", kernel: bool =
     transposed, [..., out, in]. Vectors [..., D]: one scale per vector."""
     w = jnp.asarray(w, jnp.float32)
     if kernel and activations == "int8":
-        values, scale = _absmax_int8(jnp.swapaxes(w, -1, -2),
+        values, scale = absmax_quantize(jnp.swapaxes(w, -1, -2),
                                      (-1,) if granularity == "channel" else (-2, -1))
         return QTensor(values, scale, activations, transposed=True)
     axes = (-2,) if kernel and granularity == "channel" else (-2, -1) if kernel else (-1,)
-    return QTensor(*_absmax_int8(w, axes), activations)
+    return QTensor(*absmax_quantize(w, axes), activations)
 
 
 def quantize_rows(table: jax.Array, activations: str = "float") -> QTensor:
     """An embedding table [V, D] with one scale per row: the lookup scales each gathered row,
     and as the tied head [V, D] a row scale is an output-column scale."""
-    return QTensor(*_absmax_int8(jnp.asarray(table, jnp.float32), (-1,)), activations)
+    return QTensor(*absmax_quantize(jnp.asarray(table, jnp.float32), (-1,)), activations)
 
 
 def granularity_of(q: QTensor) -> str:
@@ -239,7 +244,7 @@ def as_float(param, dtype=jnp.float32):
 
 def quantize_activations(x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Per-row (per-token) symmetric absmax int8: (int8 [N, D], float32 scale [N, 1])."""
-    return _absmax_int8(x_ND.astype(jnp.float32), (-1,))
+    return absmax_quantize(x_ND.astype(jnp.float32), (-1,))
 
 
 def int8_dot(x, q: QTensor) -> jax.Array:
