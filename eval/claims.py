@@ -271,6 +271,15 @@ def render_int8(results: dict[str, dict]) -> Section:
            + f". The norms are {r['norm_params']:,} parameters: "
            f"quantizing them saves {r['norm_bytes_saved_by_int8']:,} bytes, {saved_pct:.3f}% "
            f"of the int8 model.")
+    outliers = r.get("activation_outliers")
+    if outliers and "w8a8" in variants:  # LLM.int8's side: the activations, not the norms
+        smooth = variants.get("w8a8 + SmoothQuant")
+        why += (f" The activations the norms feed: their largest channel is at most "
+                f"{max(outliers['c_attn']):.1f}× (c_attn input) and "
+                f"{max(outliers['c_fc']):.1f}× (c_fc input) the median channel's, and int8 "
+                f"activations per token move val loss {variants['w8a8']['delta_loss_pct']:+.4f}%"
+                + (f" ({smooth['delta_loss_pct']:+.4f}% with SmoothQuant)" if smooth else "")
+                + ".")
     how = ("Val loss and bytes of one trained model in float32 and int8 variants "
            "(per-channel or per-tensor scales; norms kept in float, or quantized too with one "
            "scale per γ and per β vector, at int8 and at 4 bits).")
