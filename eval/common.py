@@ -94,6 +94,7 @@ def train_variant(cfg: train_config.TrainConfig, work: str | Path, name: str) ->
         "name": name, "config": cfg.to_dict(), "diverged": diverged,
         "steps": steps if steps is not None else len(losses),
         "tokens": len(losses) * cfg.tokens_per_step, "train_loss": losses,
+        "grad_norm": [r["grad_norm"] for r in records if "grad_norm" in r],
         "val_curve": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
         "val_loss": final_val, "wall_s": time.perf_counter() - t, "code": code_hash(),
     }

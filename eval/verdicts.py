@@ -184,14 +184,18 @@ def trained(val_loss: float | None) -> bool:
 
 
 def norms(grid: Mapping[str, Mapping[tuple[float, int], Sequence[float | None]]],
-          long: Mapping[str, Sequence[float | None]]) -> Verdict:
+          long: Mapping[str, Sequence[float | None]],
+          regime: Mapping[str, Sequence[float | None]] | None = None) -> Verdict:
     """Final val losses (None: diverged) per placement ("pre", "post", "deepnorm"): `grid`
-    the short runs by (lr, warmup steps), per seed; `long` the long runs, per seed. Parts:
+    the short runs by (lr, warmup steps), per seed; `long` the long runs, per seed; `regime`
+    (when searched) the runs per seed at the setting a search chose because every placement
+    trained there ({} if none did). Parts:
     - pre-LN trains without warmup: at every lr where pre-LN trains with warmup it trains
       without (a lr too low to learn in either case says nothing about warmup);
     - post-LN is unstable: a larger share of its grid runs fails than of pre-LN's;
-    - post-LN can end better: where both train (the long runs), post-LN's loss is lower
-      (untrained post-LN leaves this untested, which does not hold);
+    - post-LN can end better: where both train (the regime when searched, else the long
+      runs), post-LN's loss is lower (untrained post-LN leaves this untested, which does not
+      hold);
     - DeepNorm fixes post-LN: a smaller share of its grid runs fails than of post-LN's, and
       it trains in the long runs.
     Holds in part needs NORMS_MIN_PARTS of the four."""
@@ -204,13 +208,14 @@ def norms(grid: Mapping[str, Mapping[tuple[float, int], Sequence[float | None]]]
 
     pre = grid["pre"]
     warm_lrs = {lr for (lr, warmup), seeds in pre.items() if warmup > 0 and all_train(seeds)}
-    both_train = all_train(long["pre"]) and all_train(long["post"])
+    where = long if regime is None else regime
+    both_train = bool(where) and all_train(where["pre"]) and all_train(where["post"])
     return combine({
         "pre-LN trains without warmup": _holds(
             bool(warm_lrs) and all(all_train(pre[(lr, 0)]) for lr in warm_lrs)),
         "post-LN is unstable": _holds(failed_share("post") > failed_share("pre")),
-        "post-LN can end better": _holds(both_train and difference(long["post"],
-                                                                     long["pre"]).sign < 0),
+        "post-LN can end better": _holds(both_train and difference(where["post"],
+                                                                     where["pre"]).sign < 0),
         "DeepNorm fixes post-LN": _holds(failed_share("deepnorm") < failed_share("post")
                                          and all_train(long["deepnorm"])),
     }, min_for_part=NORMS_MIN_PARTS)
@@ -290,7 +295,8 @@ RULES = {
     "norms": (f"four parts (a run trains if its val loss is finite and below the "
               f"{UNIGRAM_LOSS}-nat unigram loss): pre-LN without warmup trains at every lr "
               f"where it trains with warmup; post-LN fails in a larger share of the grid than "
-              f"pre-LN; where both train (long runs) post-LN ends lower; DeepNorm fails less "
+              f"pre-LN; where both train (the setting `eval.norms_regime` found every "
+              f"placement training at, else the long runs) post-LN ends lower; DeepNorm fails less "
               f"than post-LN and trains in the long runs. Holds if all four, in part if at "
               f"least {NORMS_MIN_PARTS}"),
     "kv": (f"holds if every batch-1 cache speed-up is {CACHE_SPEEDUP_BAND[0]}–"

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import atexit
 import importlib
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +17,17 @@ import pytest
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 )
+
+# Tests compile the same programs again and again (a tiny model trained by several tests, a
+# child process running what its parent ran, two xdist workers): XLA's persistent cache,
+# in a folder new to this session and shared by its processes (workers and children
+# inherit the variable), compiles each once. Measured: tests/test_train.py 109 -> 78 s CPU.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache_dir = tempfile.mkdtemp(prefix="gpt2jax-test-xla-cache-")
+    atexit.register(shutil.rmtree, _cache_dir, ignore_errors=True)
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=_cache_dir,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GPT2JAX_DATA_DIR", REPO.parent / "shared" / "data"))

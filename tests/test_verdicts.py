@@ -137,6 +137,18 @@ def test_norms_rule_holds_when_every_part_does():
     assert v.norms(grid, long).parts["post-LN can end better"] == FAILS
 
 
+def test_norms_rule_compares_where_the_regime_search_found_every_placement_training():
+    grid = _grid(True, False, True)
+    long = {"pre": _losses(5.2), "post": _losses(6.6), "deepnorm": _losses(5.1)}  # post stalls
+    part = lambda regime: v.norms(grid, long, regime).parts["post-LN can end better"]
+    assert part(None) == FAILS  # untested in the long runs
+    assert part({"pre": [5.30, 5.31, 5.29], "post": [5.20, 5.21, 5.19]}) == HOLDS
+    assert part({"pre": [5.30, 5.31, 5.29], "post": [5.40, 5.41, 5.39]}) == FAILS
+    # lower by less than 2 pooled sd of the seeds: no difference
+    assert part({"pre": [5.30, 5.20, 5.40], "post": [5.25, 5.15, 5.35]}) == FAILS
+    assert part({}) == FAILS  # the search found no setting where every placement trains
+
+
 def _tq(ratio, delta_pct=0.01, greedy=1.0):
     return {v.TQ_SETTING: {"compression_vs_fp16": ratio, "delta_loss_pct": delta_pct,
                            "greedy_match": greedy}}
