@@ -176,7 +176,10 @@ def render_norms(results: dict[str, dict]) -> Section:
               *[""] * (len(lrs) - 1)] for p in PLACEMENTS]
     grid = {p: {(run["lr"], run["warmup"]): per_seed(run) for run in r["runs"]
                 if run["placement"] == p} for p in PLACEMENTS}
-    verdict = rules.norms(grid, long)
+    search = results.get("norms_regime.json")
+    regime = None if search is None else {p: arm["val_losses"]
+                                          for p, arm in search["arms"].items()}
+    verdict = rules.norms(grid, long, regime)
     seeds = {p: [x for runs in grid[p].values() for x in runs] for p in PLACEMENTS}
     failed = {p: sum(not rules.trained(x) for x in seeds[p]) for p in PLACEMENTS}
     unit = v["grad_last_over_rest_deepest"]["unit_embeddings"]
@@ -193,6 +196,8 @@ def render_norms(results: dict[str, dict]) -> Section:
            f"std 0.02) post-LN's largest gradient is the first layer's instead, "
            f"{v['grad_first_over_rest_gpt2_init']['post']:.1f}× the rest, and the last's "
            f"ratio is {gpt2['post']:.2f}.")
+    if search is not None:
+        why += " " + _regime_text(search)
     train = r["train"]
     m = train["model"]
     how = (f"Per-layer gradient norms at init for pre-LN, post-LN and DeepNorm (depths "
@@ -208,6 +213,28 @@ def render_norms(results: dict[str, dict]) -> Section:
              f"{_fmt_losses(long['deepnorm'])}")
     header = ["placement", "warmup steps", *(f"lr {lr:g}" for lr in lrs)]
     return Section(how, _md_table(header, rows), verdict, rules.RULES["norms"], why, brief)
+
+
+def _regime_text(search: dict) -> str:
+    """What `eval.norms_regime` found: where post-LN trains, and the seeded comparison there."""
+    grid = search["grid"]
+    post = [r for r in grid if r["placement"] == "post"]
+    trains = [f"lr {r['lr']:g} warmup {r['warmup']}" for r in post if rules.trained(r["val_loss"])]
+    text = (f"Searching where post-LN trains ({search['depth']} layers, {search['steps']} "
+            f"steps, lr {' / '.join(f'{x:g}' for x in search['lrs'])}, warmup "
+            f"{' / '.join(map(str, search['warmups']))}, one seed): post-LN trained at "
+            f"{', '.join(trains) if trains else 'none of them'}")
+    chosen = search["chosen"]
+    if chosen is None:
+        return text + "; no setting trained every placement, so nothing is compared there."
+    arms = {p: arm["val_losses"] for p, arm in search["arms"].items()}
+    text += (f". At lr {chosen['lr']:g}, warmup {chosen['warmup']} (every placement trains; "
+             f"post-LN's best): pre {_fmt_losses(arms['pre'])}, post {_fmt_losses(arms['post'])}, "
+             f"DeepNorm {_fmt_losses(arms['deepnorm'])}")
+    if not all(rules.trained(x) for x in arms["pre"] + arms["post"]):
+        return text + "; a seed of pre- or post-LN did not train there."
+    diff = rules.difference(arms["post"], arms["pre"])
+    return text + f"; post − pre {diff.delta:+.3f} against a margin of {diff.margin:.3f}."
 
 
 def render_kv(results: dict[str, dict]) -> Section:
@@ -305,7 +332,8 @@ CLAIMS = (
     Claim("4. Pre-LN vs post-LN",
           "Pre-LN trains stably without warmup; post-LN can end at a better loss but is "
           "unstable (its gradients grow toward the output); DeepNorm fixes post-LN.",
-          (("eval.norms", "norms.json"),), render_norms),
+          (("eval.norms", "norms.json"), ("eval.norms_regime", "norms_regime.json")),
+          render_norms),
     Claim("5. KV cache and TurboQuant",
           "The KV cache turns per-token recomputation into a lookup (\"around 2× overall\") "
           "at a memory cost of 2 × layers × sequence × dimension; TurboQuant shrinks that "
@@ -322,7 +350,8 @@ CLAIMS = (
 # ---------------------------------------------------------------------------- running
 
 
-TRAINS = ("eval.lora_rank_sweep", "eval.positions", "eval.tying", "eval.norms")  # --seeds
+TRAINS = ("eval.lora_rank_sweep", "eval.positions", "eval.tying", "eval.norms",
+          "eval.norms_regime")  # they take --seeds
 
 
 def _argv(module: str, json_name: str, quick: bool, out: Path, work: Path,
@@ -370,6 +399,14 @@ def sections(out: Path) -> list[tuple[Claim, Section]]:
     return done
 
 
+def recorded_commands(claim: Claim, out: Path, quick: bool) -> str:
+    """The commands that made the claim's JSON files, as each records itself (flags and
+    all), else the experiment's plain command."""
+    return ", ".join(
+        f"`{json.loads((out / name).read_text()).get('command', command(m, quick))}`"
+        for m, name in claim.experiments)
+
+
 def report(quick: bool, out: Path) -> str:
     """REPORT.md's text from the JSON files in `out`."""
     parts = ["# The article's six claims, measured", ""]
@@ -382,7 +419,7 @@ def report(quick: bool, out: Path) -> str:
     for claim, s in sections(out):
         summary.append([claim.title, s.verdict.outcome])
         plots = "\n\n".join(f"![{name[:-5]}]({name[:-5]}.png)" for _, name in claim.experiments)
-        commands = ", ".join(f"`{command(m, quick)}`" for m, _ in claim.experiments)
+        commands = recorded_commands(claim, out, quick)
         parts_text = "; ".join(f"{part}: {outcome}" for part, outcome in s.verdict.parts.items())
         body += [f"## {claim.title}", "", f"**Claim.** {claim.statement}", "",
                  f"**Measured.** {s.how}", "", s.table, "", plots, "",
@@ -396,7 +433,7 @@ def report(quick: bool, out: Path) -> str:
 def readme_table(out: Path) -> str:
     """The README's claims table: verdict and key numbers per claim, from the JSON."""
     rows = [[claim.title, f"**{s.verdict.outcome}**", s.brief,
-             ", ".join(f"`{command(m, False)}`" for m, _ in claim.experiments)]
+             recorded_commands(claim, out, False)]
             for claim, s in sections(out)]
     return _md_table(["claim", "verdict", "measured", "command"], rows)
 

@@ -1,0 +1,160 @@
+"""Claim 4, decisive: where does post-LN train, and does it end lower than pre-LN there?
+
+    python -m eval.norms_regime [--quick] [--seeds 3] [--out eval/results] [--work out/claims]
+
+`eval.norms` trains its grid at the depth and learning rates where pre-LN is comfortable, and
+post-LN never leaves the unigram plateau there, so "post-LN can end at a better loss" goes
+untested. This searches the settings post-LN is said to need: a shallower model (6 layers),
+lower learning rates {1e-4, 3e-4} and longer warmup {100, 500 steps}, 1000 steps each, one seed
+per cell, every placement (pre-LN, post-LN, DeepNorm with DeepNet's init), no clipping, same
+data order. Then, at the setting where every placement trains and post-LN ends lowest (the
+one most favourable to the claim), each placement is trained at --seeds seeds: the verdict
+compares post-LN with pre-LN there by the seed rule. The gradient norm of every step is kept
+from the trainer's metrics, so the plot shows how the gradients behave over training, not
+only at init.
+
+Writes norms_regime.json and norms_regime.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from eval.common import (
+    parse_experiment_args,
+    shakespeare_data,
+    trailing_mean,
+    train_seeds,
+    write_json,
+)
+from eval.norms import LONG, PLACEMENTS, recipe
+from eval.verdicts import UNIGRAM_LOSS, trained
+
+DEPTH, STEPS, LRS, WARMUPS = 6, 1000, (1e-4, 3e-4), (100, 500)
+
+
+def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS) -> dict:
+    data = shakespeare_data(work)
+    base = recipe(quick, data)
+    if quick:  # the setting of `eval.norms --quick`'s grid: its runs are reused by name
+        depth, steps = base.model.n_layer, base.max_steps
+        lrs, warmups = (LONG["lr"],), (min(LONG["warmup_steps"], base.max_steps // 4),)
+    else:
+        depth, steps = DEPTH, STEPS
+
+    def name(placement, lr, warmup):
+        if quick:
+            return f"norm-{placement}-lr{lr:g}-w{warmup}"
+        return f"regime-{placement}-d{depth}-{steps}steps-lr{lr:g}-w{warmup}"
+
+    def config(placement, lr, warmup):
+        return base.replace(model=base.model.replace(n_layer=depth, norm_placement=placement),
+                            lr=lr, min_lr=lr / 10, warmup_steps=warmup, max_steps=steps)
+
+    grid = []
+    for lr in lrs:
+        for warmup in warmups:
+            for placement in PLACEMENTS:
+                row = train_seeds(config(placement, lr, warmup), work,
+                                  name(placement, lr, warmup), 1)
+                grid.append({"placement": placement, "lr": lr, "warmup": warmup,
+                             "val_loss": row["val_loss"], "diverged": row["diverged"]})
+                print(f"{placement:<8} lr {lr:<6g} warmup {warmup:<4d} val {row['val_loss']}",
+                      flush=True)
+    cells = {(r["lr"], r["warmup"]): {} for r in grid}
+    for r in grid:
+        cells[r["lr"], r["warmup"]][r["placement"]] = r["val_loss"]
+    all_train = [cell for cell, losses in cells.items() if all(map(trained, losses.values()))]
+    chosen = min(all_train, key=lambda cell: cells[cell]["post"], default=None)
+    arms = {}
+    if chosen is not None:
+        lr, warmup = chosen
+        for placement in PLACEMENTS:
+            cfg = config(placement, lr, warmup)
+            row = train_seeds(cfg, work, name(placement, lr, warmup), seeds)
+            arms[placement] = {k: row[k] for k in ("val_losses", "seeds", "train_loss",
+                                                   "grad_norm")}
+            print(f"{placement:<8} {seeds} seeds: {row['val_losses']}", flush=True)
+    result = {
+        "command": "python -m eval.norms_regime" + (" --quick" if quick else "")
+                   + ("" if quick or tuple(lrs) == LRS else f" --lrs {' '.join(map(str, lrs))}")
+                   + ("" if quick or tuple(warmups) == WARMUPS
+                      else f" --warmups {' '.join(map(str, warmups))}"),
+        "depth": depth, "steps": steps, "lrs": list(lrs), "warmups": list(warmups),
+        "train": {k: v for k, v in config("pre", lrs[0], warmups[0]).to_dict().items()
+                  if k not in ("out", "data", "lr", "min_lr", "warmup_steps")},
+        "grid": grid, "chosen": None if chosen is None else {"lr": chosen[0],
+                                                              "warmup": chosen[1]},
+        "arms": arms,
+    }
+    write_json(out / "norms_regime.json", result)
+    plot(result, out / "norms_regime.png")
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    cells = sorted({(r["lr"], r["warmup"]) for r in result["grid"]})
+    width = 0.8 / len(PLACEMENTS)
+    for i, placement in enumerate(PLACEMENTS):
+        losses = [next(r["val_loss"] for r in result["grid"]
+                       if (r["placement"], r["lr"], r["warmup"]) == (placement, *cell))
+                  for cell in cells]
+        ax1.bar(np.arange(len(cells)) + (i - 1) * width,
+                [np.nan if v is None else v for v in losses], width, color=f"C{i}",
+                label=placement)
+    ax1.axhline(UNIGRAM_LOSS, color="gray", ls=":", label="unigram")
+    ax1.set_xticks(range(len(cells)), [f"lr {lr:g}\nwarmup {w}" for lr, w in cells])
+    finite = [r["val_loss"] for r in result["grid"] if r["val_loss"] is not None]
+    if finite:
+        ax1.set_ylim(min(finite) - 0.2, max(max(finite), UNIGRAM_LOSS) + 0.1)
+    ax1.set_ylabel("final val loss (one seed)")
+    ax1.set_title(f"search: {result['depth']} layers, {result['steps']} steps, no clipping")
+    ax1.legend(fontsize=8)
+    chosen = result["chosen"]
+    for i, (placement, arm) in enumerate(result["arms"].items()):
+        mean = np.mean(arm["val_losses"])
+        ax2.plot(*trailing_mean(arm["train_loss"], 25)[:2], color=f"C{i}", lw=1,
+                 label=f"{placement}: val {mean:.3f} ± {np.std(arm['val_losses'], ddof=1):.3f}"
+                 if len(arm["val_losses"]) > 1 else f"{placement}: val {mean:.3f}")
+        if arm["grad_norm"]:
+            ax3.plot(*trailing_mean(arm["grad_norm"], 25)[:2], color=f"C{i}", lw=1,
+                     label=placement)
+    for ax, what in ((ax2, "train loss (first seed)"), (ax3, "global gradient norm")):
+        ax.set_xlabel("step")
+        ax.set_ylabel(what)
+        ax.grid(alpha=0.3)
+        if result["arms"]:
+            ax.legend(fontsize=8)
+    ax3.set_yscale("log")
+    title = (f"lr {chosen['lr']:g}, warmup {chosen['warmup']}" if chosen
+             else "no setting where every placement trains")
+    ax2.set_title(title)
+    ax3.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    def grid_arguments(p):
+        p.add_argument("--lrs", type=float, nargs="+", default=list(LRS),
+                       help=f"learning rates searched (default {' '.join(map(str, LRS))})")
+        p.add_argument("--warmups", type=int, nargs="+", default=list(WARMUPS),
+                       help=f"warmup steps searched (default {' '.join(map(str, WARMUPS))})")
+
+    args = parse_experiment_args("python -m eval.norms_regime", __doc__,
+                                 "the runs of eval.norms --quick, reused", argv,
+                                 seeds=True, more_arguments=grid_arguments)
+    run(args.quick, args.out, args.work, args.seeds, tuple(args.lrs), tuple(args.warmups))
+
+
+if __name__ == "__main__":
+    main()
