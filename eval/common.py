@@ -88,6 +88,10 @@ def train_variant(cfg: train_config.TrainConfig, work: str | Path, name: str) ->
         diverged, final_val, steps = False, result.val_loss, result.step
     except NonFiniteLossError:
         diverged, final_val, steps = True, None, None
+    else:
+        if result.stopped == "signal":  # SIGTERM/SIGINT: cut short, so never a reusable run
+            raise KeyboardInterrupt(f"{name}: stopped by a signal at step {result.step}; its "
+                                    f"folder {out} is not recorded as a finished run")
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in records if "loss" in r]
     row = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 from conftest import REPO
@@ -94,6 +95,27 @@ def test_run_cache_keys_on_config_and_training_code(tmp_path):
     step = tmp_path / "train" / "step.py"
     step.write_text(step.read_text() + "\n# a fix\n")
     assert run_key(cfg, tmp_path) != key
+
+
+def test_a_run_stopped_by_a_signal_is_never_recorded_as_finished(tmp_path, monkeypatch):
+    """SIGTERM makes the trainer save and return normally; a run cut short that way must
+    not be reused as if it had trained its steps (it happened: an experiment killed by
+    SIGTERM left a 78-step run recorded under a 200-step config)."""
+    import types
+
+    from eval import common
+
+    def stopped_early(cfg, progress):
+        out = Path(cfg.out)
+        out.mkdir(parents=True)
+        (out / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0, "grad_norm": 1.0}\n')
+        return types.SimpleNamespace(stopped="signal", step=1, val_loss=None)
+
+    monkeypatch.setattr(common, "train", stopped_early)
+    cfg = TrainConfig(max_steps=10, warmup_steps=0)
+    with pytest.raises(KeyboardInterrupt, match="stopped by a signal at step 1"):
+        common.train_variant(cfg, tmp_path, "cut")
+    assert not list(tmp_path.glob("cut-*/variant.json"))
 
 
 def test_seeded_arm_keeps_every_seed_and_the_first_seeds_curves():
