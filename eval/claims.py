@@ -211,6 +211,11 @@ def render_norms(results: dict[str, dict]) -> Section:
              f"{failed['deepnorm']} of {len(seeds['pre'])}; {r['long_steps']} steps: pre "
              f"{_fmt_losses(long['pre'])}, post {_fmt_losses(long['post'])}, DeepNorm "
              f"{_fmt_losses(long['deepnorm'])}")
+    if search is not None and search["chosen"] is not None:
+        arms, chosen = search["arms"], search["chosen"]
+        brief += (f"; where all train ({search['depth']} layers, lr {chosen['lr']:g}, warmup "
+                  f"{chosen['warmup']}): pre {_fmt_losses(arms['pre']['val_losses'])}, post "
+                  f"{_fmt_losses(arms['post']['val_losses'])}")
     header = ["placement", "warmup steps", *(f"lr {lr:g}" for lr in lrs)]
     return Section(how, _md_table(header, rows), verdict, rules.RULES["norms"], why, brief)
 
