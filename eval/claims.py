@@ -239,7 +239,30 @@ def _regime_text(search: dict) -> str:
     if not all(rules.trained(x) for x in arms["pre"] + arms["post"]):
         return text + "; a seed of pre- or post-LN did not train there."
     diff = rules.difference(arms["post"], arms["pre"])
-    return text + f"; post − pre {diff.delta:+.3f} against a margin of {diff.margin:.3f}."
+    text += f"; post − pre {diff.delta:+.3f} against a margin of {diff.margin:.3f}."
+    return text + _layer_grads_text(search)
+
+
+def _layer_grads_text(search: dict) -> str:
+    """Per-layer gradient norms over training, from `eval.norms_regime`'s probes."""
+    probes = {p: arm["layer_grads"] for p, arm in search["arms"].items() if "layer_grads" in arm}
+    if not probes:
+        return ""
+    names = {"pre": "pre", "post": "post", "deepnorm": "DeepNorm"}
+    spreads = []
+    for placement, probe in probes.items():
+        norms = [max(n) / min(n) for n in probe["norms"]]
+        last = probe["norms"][-1]
+        spreads.append(f"{names[placement]} {norms[0]:.1f} → {max(norms):.1f} (largest) → "
+                       f"{norms[-1]:.1f}, largest at the end in layer {last.index(max(last))}")
+    same = all(abs(probe["val_loss"] - search["arms"][p]["val_losses"][0]) < 1e-6
+               for p, probe in probes.items())
+    steps = next(iter(probes.values()))["steps"]
+    return (f" Per-layer gradient norms over training (first seed, {len(steps)} probes from "
+            f"step 0 to {steps[-1]}, 8 fixed val rows), largest layer over smallest at init → "
+            f"over the run → at the end: {'; '.join(spreads)}. "
+            + ("The probe runs end at the arms' first-seed val loss: they are those runs."
+               if same else "The probe runs do NOT end at the arms' first-seed val loss."))
 
 
 def render_kv(results: dict[str, dict]) -> Section:

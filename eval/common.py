@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -72,11 +73,13 @@ def shakespeare_data(work: str | Path) -> Path:
     return resolve_data(recipe.replace(out=str(work)))
 
 
-def train_variant(cfg: train_config.TrainConfig, work: str | Path, name: str) -> dict:
+def train_variant(cfg: train_config.TrainConfig, work: str | Path, name: str,
+                  summarize: Callable[[Path], dict] | None = None) -> dict:
     """Train `cfg` (its `out` replaced by a folder under work/ named after `name` and
-    `run_key`) and return its curves; a finished run with the same config and code is reused,
-    so experiments that share a baseline train it once. A run whose loss turns NaN/inf is
-    recorded as diverged rather than raised."""
+    `run_key`) and return its curves, plus `summarize(run folder)` of a run that did not
+    diverge; a finished run with the same config and code is reused, so experiments that
+    share a baseline train it once, and an experiment cut short resumes where it stopped.
+    A run whose loss turns NaN/inf is recorded as diverged rather than raised."""
     out = Path(work) / f"{name}-{run_key(cfg)}"
     cfg = cfg.replace(out=str(out))
     done = out / "variant.json"
@@ -102,6 +105,8 @@ def train_variant(cfg: train_config.TrainConfig, work: str | Path, name: str) ->
         "val_curve": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
         "val_loss": final_val, "wall_s": time.perf_counter() - t, "code": code_hash(),
     }
+    if summarize is not None and not diverged:
+        row.update(summarize(out))
     done.write_text(json.dumps(row))
     return row
 

@@ -9,8 +9,10 @@ steps, at --seeds seeds (default 3; a seed sets the adapter init and data order,
 every rank), through `python -m train`'s own code path (`train()` with lora_rank). Recorded
 per run: the train-loss curve, the held-out val loss of the last part, ‖ΔW‖ = ‖s·A·B‖_F over
 the adapted kernels, and the trainable count. Writes lora_rank_sweep.json and .png to --out
-(default eval/results; --quick: eval/results/quick); the texts, the base and the adapter runs
-go to --work (default out/lora_rank_sweep[_quick]).
+(default eval/results; --quick: eval/results/quick); the texts, the base (300 steps, not a
+time budget, so it is the same model on any machine) and the adapter runs go to --work
+(default out/lora_rank_sweep[_quick]), where a finished run is reused while its config and the
+code under gpt2jax/ and train/ are unchanged: an interrupted sweep resumes.
 
 The prediction (Kalajdzievski, rsLoRA, arXiv:2312.03732, §3, Theorem 3.2): with alpha/r the
 update shrinks as r grows, so LoRA's curves bunch together (or get worse) with rank while
@@ -20,17 +22,22 @@ rsLoRA's keep improving.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
 import numpy as np
 
 from eval import verdicts
-from eval.common import parse_experiment_args, seeded, trailing_mean, write_json
+from eval.common import (
+    parse_experiment_args,
+    seeded,
+    trailing_mean,
+    train_variant,
+    write_json,
+)
 from eval.verdicts import per_seed
 from gpt2jax import checkpoint, lora
-from train import TrainConfig, train
+from train import TrainConfig
 from train import config as train_config
 from train import data as data_lib
 
@@ -41,8 +48,7 @@ BASE_SHARE = 0.8  # of the characters: the base trains on the first part
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    base_minutes: float | None  # the base's budget: minutes, or...
-    base_steps: int  # ...steps (whichever ends first)
+    base_steps: int  # a step budget, not minutes: the base is the same on any machine
     base_warmup: int
     base_model: dict  # GPTConfig changes to the shakespeare recipe's model
     batch_size: int
@@ -55,10 +61,10 @@ class Plan:
     final_eval_batches: int = 0  # 0: the whole val split
 
 
-FULL = Plan(base_minutes=6.0, base_steps=100_000, base_warmup=100, base_model={},
+FULL = Plan(base_steps=300, base_warmup=100, base_model={},
             batch_size=8, steps=200, warmup=20, eval_every=50)
 # A smoke test: a 1-layer, 64-dim base of 6 steps, two ranks, 3 adapter steps each.
-QUICK = Plan(base_minutes=None, base_steps=6, base_warmup=1,
+QUICK = Plan(base_steps=6, base_warmup=1,
              base_model={"n_layer": 1, "n_head": 2, "n_embd": 64, "block_size": 32},
              batch_size=16, steps=3, warmup=1, eval_every=10_000, ranks=(2, 16),
              final_eval_batches=2)
@@ -81,42 +87,42 @@ def prepared(text: Path, block_size: int) -> Path:
     return target
 
 
-def train_base(plan: Plan, data: Path, out: Path) -> str:
+def train_base(plan: Plan, data: Path, work: Path) -> str:
+    """The base, trained once per config and code (a cached run under work/)."""
     recipe = train_config.preset("shakespeare")
     cfg = recipe.replace(
-        model=recipe.model.replace(**plan.base_model), data=str(data), out=str(out),
-        batch_size=plan.batch_size, max_minutes=plan.base_minutes, max_steps=plan.base_steps,
+        model=recipe.model.replace(**plan.base_model), data=str(data), max_minutes=None,
+        batch_size=plan.batch_size, max_steps=plan.base_steps,
         eval_every=10**9, final_eval_batches=plan.final_eval_batches,
         ckpt_every=10**9, sample_tokens=0, peak_flops=1.0, warmup_steps=plan.base_warmup,
     )
-    result = train(cfg, progress=True)
-    print(f"base: {result.step} steps, val loss {result.val_loss:.3f} on its own text")
-    return f"ckpt:{out}"
+    row = train_variant(cfg, work, "base-model")
+    print(f"base: {row['steps']} steps, val loss {row['val_loss']:.3f} on its own text")
+    return f"ckpt:{row['config']['out']}"
 
 
-def finetune(plan: Plan, base: str, data: Path, out: Path, method: str, rank: int,
+def adapter_summary(out: Path) -> dict:
+    """What a fine-tune's adapters are: scale s, trainable count and ‖s·A·B‖_F."""
+    adapters, _ = checkpoint.load_adapters(out)
+    return {"scale": adapters.config.scale, "trainable": lora.count(adapters)["trainable"],
+            "delta_norm": lora.delta_norm(adapters)}
+
+
+def finetune(plan: Plan, base: str, data: Path, work: Path, method: str, rank: int,
              block_size: int, seed: int = 0) -> dict:
+    """One adapter run (a cached run under work/, keyed by its config, which names the
+    base's folder, and the code)."""
     base_model = checkpoint.load_model(base)[0]
     cfg = TrainConfig(
-        model=base_model.replace(block_size=block_size), data=str(data), out=str(out),
+        model=base_model.replace(block_size=block_size), data=str(data),
         init_from=base, lora_rank=rank, lora_alpha=plan.alpha, rslora=method == "rslora",
         batch_size=plan.batch_size, max_steps=plan.steps, warmup_steps=plan.warmup,
         lr=plan.lr, min_lr=plan.lr / 10, weight_decay=0.0, eval_every=plan.eval_every,
         eval_batches=plan.final_eval_batches, final_eval_batches=plan.final_eval_batches,
         ckpt_every=10**9, sample_tokens=0, peak_flops=1.0, seed=seed,
     )
-    t = time.perf_counter()
-    result = train(cfg, progress=False)
-    adapters, _ = checkpoint.load_adapters(out)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {
-        "method": method, "rank": rank, "scale": adapters.config.scale,
-        "trainable": lora.count(adapters)["trainable"],
-        "train_loss": result.losses,
-        "val_curve": [(r["step"], r["val_loss"]) for r in records if "val_loss" in r],
-        "val_loss": result.val_loss, "delta_norm": lora.delta_norm(adapters),
-        "wall_s": time.perf_counter() - t,
-    }
+    name = f"{method}_r{rank}{f'_s{seed}' if seed else ''}"
+    return {**train_variant(cfg, work, name, adapter_summary), "method": method, "rank": rank}
 
 
 def base_val_loss(base: str, data: Path, block_size: int) -> float:
@@ -204,16 +210,15 @@ def run(quick: bool, out: Path, work: Path, base: str | None = None, seeds: int 
     block = train_config.preset("shakespeare").model.replace(**plan.base_model).block_size
     finetune_data = prepared(finetune_text, block)
     if base is None:
-        base = train_base(plan, prepared(base_text, block), work / "base")
+        base = train_base(plan, prepared(base_text, block), work)
     block = min(block, checkpoint.load_model(base)[0].block_size)
     base_loss = base_val_loss(base, finetune_data, block)
     runs = []
     from tqdm.auto import tqdm
 
     for method, rank in tqdm([(m, r) for m in METHODS for r in plan.ranks], desc="fine-tunes"):
-        rows = [finetune(plan, base, finetune_data,
-                         work / f"{method}_r{rank}{f'_s{s}' if s else ''}", method, rank, block,
-                         seed=s) for s in range(seeds)]
+        rows = [finetune(plan, base, finetune_data, work, method, rank, block, seed=s)
+                for s in range(seeds)]
         runs.append(seeded(rows, list(range(seeds))))
         tqdm.write(f"{method:7s} r={rank:<4d} val {runs[-1]['val_loss']:.4f} "
                    f"‖ΔW‖ {runs[-1]['delta_norm']:.3f} ({runs[-1]['wall_s']:.0f} s)")

@@ -57,11 +57,16 @@ def init_grad_norms(depth: int, n_embd: int, tokens: np.ndarray, block: int) -> 
         for name, scale in (("gpt2_init", 1.0), ("unit_embeddings", 1 / config.init_std)):
             scaled = {**params, **{k: {"embedding": params[k]["embedding"] * scale}
                                    for k in ("wte", "wpe")}}
-            grads = grad(scaled)  # one compile for both inits: same shapes
-            squares = sum(np.sum(np.asarray(g, np.float64) ** 2, axis=tuple(range(1, g.ndim)))
-                          for g in jax.tree.leaves(grads["h"]))  # [L]: stacked over layers
-            out[name][placement] = np.sqrt(squares).tolist()
+            # one compile for both inits: same shapes
+            out[name][placement] = block_grad_norms(grad(scaled))
     return out
+
+
+def block_grad_norms(grads) -> list[float]:
+    """[‖∇ block l‖ for l in 0..L-1]: the blocks' params are stacked on axis 0 under 'h'."""
+    squares = sum(np.sum(np.asarray(g, np.float64) ** 2, axis=tuple(range(1, g.ndim)))
+                  for g in jax.tree.leaves(grads["h"]))
+    return np.sqrt(squares).tolist()
 
 
 def last_over_rest(norms: list[float]) -> float:

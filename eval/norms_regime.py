@@ -9,9 +9,11 @@ lower learning rates {1e-4, 3e-4} and longer warmup {100, 500 steps}, 1000 steps
 per cell, every placement (pre-LN, post-LN, DeepNorm with DeepNet's init), no clipping, same
 data order. Then, at the setting where every placement trains and post-LN ends lowest (the
 one most favourable to the claim), each placement is trained at --seeds seeds: the verdict
-compares post-LN with pre-LN there by the seed rule. The gradient norm of every step is kept
-from the trainer's metrics, so the plot shows how the gradients behave over training, not
-only at init.
+compares post-LN with pre-LN there by the seed rule. The global gradient norm of every step
+is kept from the trainer's metrics; per-layer gradient norms over training come from a probe:
+the first seed's run again with a checkpoint every tenth of the run (the same run: checkpoints
+change no number, and its final val loss is recorded beside the arm's), and at each
+checkpoint ‖∇ block l‖ on one fixed batch of val tokens.
 
 Writes norms_regime.json and norms_regime.png.
 """
@@ -20,19 +22,61 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from eval.common import (
     parse_experiment_args,
     shakespeare_data,
     trailing_mean,
     train_seeds,
+    train_variant,
     write_json,
 )
-from eval.norms import LONG, PLACEMENTS, recipe
+from eval.norms import LONG, PLACEMENTS, block_grad_norms, recipe
 from eval.verdicts import UNIGRAM_LOSS, trained
+from gpt2jax.checkpoint import Checkpointer
+from train import TrainConfig
+from train import data as data_lib
+from train.step import token_losses
+from train.trainer import initial_params
 
 DEPTH, STEPS, LRS, WARMUPS = 6, 1000, (1e-4, 3e-4), (100, 500)
+PROBES = 10  # per-layer gradient probes over a run (plus one at init)
+
+
+def probe_batch(data: Path, block_size: int, rows: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) [rows, block_size]: the first tokens of the val split, the same at every probe."""
+    val = np.asarray(data_lib.load_split(data, "val"))
+    x = val[: rows * block_size].astype(np.int32).reshape(rows, block_size)
+    y = val[1: rows * block_size + 1].astype(np.int32).reshape(rows, block_size)
+    return x, y
+
+
+def layer_grads_over_training(cfg: TrainConfig, work: Path, name: str) -> dict:
+    """{'steps', 'norms' [probe][layer], 'val_loss'}: ‖∇ block l‖ on 8 fixed rows of val
+    tokens at init and at PROBES checkpoints of `cfg`'s run, trained again (cached) with
+    those checkpoints kept."""
+    every = max(1, cfg.max_steps // PROBES)
+    probe = cfg.replace(ckpt_every=every, keep_checkpoints=cfg.max_steps // every + 1)
+    row = train_variant(probe, work, f"{name}-probe")
+    config, params = initial_params(probe)
+    x, y = probe_batch(Path(cfg.data), config.block_size)
+    grad = jax.jit(jax.grad(lambda p: token_losses(p, x, y, config).mean()))
+    folder = Path(row["config"]["out"]) / "checkpoints"
+    steps, norms = [0], [block_grad_norms(grad(params))]
+    reader = Checkpointer(folder, keep=None, read_only=True)
+    try:
+        saved = reader.steps()
+    finally:
+        reader.close()
+    abstract = jax.eval_shape(lambda: params)
+    for step in saved:  # the 'params' item of each step, read with orbax's own reader
+        params = ocp.StandardCheckpointer().restore(folder / str(step) / "params", abstract)
+        steps.append(step)
+        norms.append(block_grad_norms(grad(params)))
+    return {"steps": steps, "norms": norms, "val_loss": row["val_loss"]}
 
 
 def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS) -> dict:
@@ -76,6 +120,8 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
             row = train_seeds(cfg, work, name(placement, lr, warmup), seeds)
             arms[placement] = {k: row[k] for k in ("val_losses", "seeds", "train_loss",
                                                    "grad_norm")}
+            arms[placement]["layer_grads"] = layer_grads_over_training(
+                cfg, work, name(placement, lr, warmup))
             print(f"{placement:<8} {seeds} seeds: {row['val_losses']}", flush=True)
     result = {
         "command": "python -m eval.norms_regime" + (" --quick" if quick else "")
@@ -100,7 +146,8 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(16, 4.5))
+    fig, axes = plt.subplots(2, 3, figsize=(16, 9))
+    (ax1, ax2, ax3), layer_axes = axes
     cells = sorted({(r["lr"], r["warmup"]) for r in result["grid"]})
     width = 0.8 / len(PLACEMENTS)
     for i, placement in enumerate(PLACEMENTS):
@@ -138,6 +185,20 @@ def plot(result: dict, path: Path) -> None:
              else "no setting where every placement trains")
     ax2.set_title(title)
     ax3.set_title(title)
+    for ax, (placement, arm) in zip(layer_axes, result["arms"].items(), strict=False):
+        probes = arm["layer_grads"]
+        by_layer = np.asarray(probes["norms"]).T
+        colors = plt.cm.viridis(np.linspace(0, 0.9, len(by_layer)))
+        for layer, (norms, color) in enumerate(zip(by_layer, colors, strict=True)):
+            ax.plot(probes["steps"], norms, "o-", ms=3, color=color, label=f"layer {layer}")
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_ylabel("‖∇ block‖ on 8 fixed val rows")
+        ax.set_title(f"{placement}: per-layer gradient norms over training (first seed)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    for ax in layer_axes[len(result["arms"]):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -170,3 +170,23 @@ def test_int8_verdict_reads_the_int8_norm_rows_not_the_4_bit_one():
     result["variants"]["int8 per-channel + norms int8"] = row(0.5)
     section = claims.render_int8({"quantization.json": result})
     assert section.verdict.parts["quantizing norms costs accuracy"] == "holds"
+
+
+def test_regime_text_reads_the_per_layer_gradient_probes():
+    """The spread of per-layer gradient norms, where the largest is at the end, and whether
+    the probe runs are the arms' runs, all from the probes in the JSON."""
+    probe = lambda norms, val: {"steps": [0, 500, 1000], "norms": norms, "val_loss": val}
+    arms = {p: {"val_losses": [first, 5.5, 5.6]}
+            for p, first in (("pre", 5.4), ("post", 5.5), ("deepnorm", 5.6))}
+    arms["pre"]["layer_grads"] = probe([[1, 2], [1, 4], [3, 1]], 5.4)
+    arms["post"]["layer_grads"] = probe([[8, 1], [2, 1], [1, 2]], 5.4)
+    arms["deepnorm"]["layer_grads"] = probe([[1, 1], [1, 1], [1, 1]], 5.4)
+    text = claims._layer_grads_text({"arms": arms})
+    assert "pre 2.0 → 4.0 (largest) → 3.0, largest at the end in layer 0" in text
+    assert "post 8.0 → 8.0 (largest) → 2.0, largest at the end in layer 1" in text
+    assert "3 probes from step 0 to 1000" in text
+    assert "do NOT" in text  # post's and DeepNorm's first seeds ended at 5.5 and 5.6
+    for arm in arms.values():
+        arm["layer_grads"]["val_loss"] = arm["val_losses"][0]
+    assert "they are those runs" in claims._layer_grads_text({"arms": arms})
+    assert claims._layer_grads_text({"arms": {"pre": {"val_losses": [5.0]}}}) == ""

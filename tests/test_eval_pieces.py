@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -89,3 +91,29 @@ def test_readme_block_is_replaced_between_its_markers(tmp_path):
     assert readme.read_text() == "intro\n<!-- t:begin -->\n| new |\n<!-- t:end -->\noutro\n"
     with pytest.raises(ValueError, match="no '<!-- other:begin -->'"):
         common.write_readme_block("other", "x", readme)
+
+
+def test_layer_gradient_probe_repeats_the_run_it_measures(tmp_path):
+    """The probe's run is the plain run (its checkpoints change no number): the same final
+    val loss, and its last probe is the per-layer gradient at the plain run's final params;
+    its first is the gradient at the seed's init."""
+    from eval import norms_regime
+    from eval.common import shakespeare_data, train_variant
+    from eval.norms import block_grad_norms, recipe
+    from gpt2jax import checkpoint
+    from train.step import token_losses
+    from train.trainer import initial_params
+
+    cfg = recipe(True, shakespeare_data(tmp_path)).replace(max_steps=4)
+    plain = train_variant(cfg, tmp_path, "plain")
+    probes = norms_regime.layer_grads_over_training(cfg, tmp_path, "plain")
+    assert probes["steps"] == [0, 1, 2, 3, 4]
+    assert probes["val_loss"] == plain["val_loss"]
+    x, y = norms_regime.probe_batch(Path(cfg.data), cfg.model.block_size)
+    config, final = checkpoint.load(plain["config"]["out"])
+    grad = jax.jit(jax.grad(lambda p: token_losses(p, x, y, config).mean()))
+    np.testing.assert_allclose(probes["norms"][-1], block_grad_norms(grad(final)), rtol=1e-5)
+    np.testing.assert_allclose(probes["norms"][0],
+                               block_grad_norms(grad(initial_params(cfg)[1])), rtol=1e-5)
+    assert len(probes["norms"][0]) == cfg.model.n_layer
+    assert probes["norms"][0] != probes["norms"][-1]
