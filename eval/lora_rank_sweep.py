@@ -35,7 +35,7 @@ from eval.common import (
     train_variant,
     write_json,
 )
-from eval.verdicts import per_seed
+from eval.verdicts import fmt_seeds, mean_sd, per_seed
 from gpt2jax import checkpoint, lora
 from train import TrainConfig
 from train import config as train_config
@@ -170,7 +170,7 @@ def plot(runs: list[dict], base_loss: float, path: Path, title: str) -> None:
         for r in (r for r in runs if r["method"] == method):
             steps, smooth, n = trailing_mean(r["train_loss"], 10)
             ax.plot(steps, smooth, color=colors[r["rank"]],
-                    label=f"r={r['rank']} (s={r['scale']:.3g}): val {r['val_loss']:.3f}")
+                    label=f"r={r['rank']} (s={r['scale']:.3g}): val {fmt_seeds(per_seed(r))}")
         ax.axhline(base_loss, color="gray", ls=":", label=f"base val {base_loss:.3f}")
         ax.set_title(f"{'LoRA alpha/r' if method == 'lora' else 'rsLoRA alpha/sqrt(r)'}")
         ax.set_xlabel("step")
@@ -180,11 +180,13 @@ def plot(runs: list[dict], base_loss: float, path: Path, title: str) -> None:
     ax = axes[2]
     for method, style in zip(METHODS, ("o-", "s-"), strict=True):
         mine = sorted((r for r in runs if r["method"] == method), key=lambda r: r["rank"])
-        ax.plot([r["rank"] for r in mine], [r["val_loss"] for r in mine], style, label=method)
+        spread = [mean_sd(per_seed(r))[1] for r in mine]  # sd over seeds (nan for one)
+        ax.errorbar([r["rank"] for r in mine], [r["val_loss"] for r in mine],
+                    yerr=np.nan_to_num(spread), fmt=style, capsize=3, label=method)
     ax.axhline(base_loss, color="gray", ls=":", label="base (no adapters)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
-    ax.set_ylabel("held-out val loss after fine-tuning")
+    ax.set_ylabel("held-out val loss after fine-tuning (mean ± sd over seeds)")
     ax.grid(alpha=0.3)
     twin = ax.twinx()
     for method, style in zip(METHODS, ("o--", "s--"), strict=True):

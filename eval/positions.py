@@ -13,6 +13,7 @@ evaluated there). Writes positions.json and positions.png.
 from __future__ import annotations
 
 import functools
+import math
 from pathlib import Path
 
 import jax
@@ -26,6 +27,7 @@ from eval.common import (
     train_seeds,
     write_json,
 )
+from eval.verdicts import fmt_seeds, mean_sd, per_seed
 from gpt2jax import checkpoint, model
 from gpt2jax.config import GPTConfig
 from train import TrainConfig
@@ -131,15 +133,19 @@ def plot(result: dict, path: Path) -> None:
         ax1.plot(*trailing_mean(row["train_loss"], 20)[:2], color=color, alpha=0.5, lw=1)
         if row["val_curve"]:
             steps, vals = zip(*row["val_curve"], strict=True)
-            ax1.plot(steps, vals, "o-", color=color,
-                     label=f"{scheme} (+{row['position_params']:,} params): {row['val_loss']:.3f}")
+            ax1.plot(steps, vals, "o-", color=color, label=f"{scheme} (+"
+                     f"{row['position_params']:,} params): {fmt_seeds(per_seed(row))}")
+            # the final val loss over every seed: mean ± sd beside the first seed's curve
+            mean, sd = mean_sd(per_seed(row))
+            ax1.errorbar(steps[-1] + 4 * (i + 1), mean, yerr=0 if math.isnan(sd) else sd,
+                         fmt="s", ms=4, capsize=3, color=color)
         curve = np.asarray(row["loss_by_position_2T"] or row["loss_by_position_T"])
         width = max(1, T // 16)  # mean over bins of positions: one window is noisy
         n = len(curve) // width
         binned = curve[: n * width].reshape(n, width).mean(1)
         ax2.plot((np.arange(n) + 0.5) * width, binned, "o-", ms=3, color=color, label=scheme)
     ax1.set_xlabel("step")
-    ax1.set_ylabel("loss (train: thin, val: dots)")
+    ax1.set_ylabel("loss (train: thin, val: dots; square: mean ± sd over seeds)")
     ax1.set_title(f"same tokens ({result['tokens_per_run']:,} per run)")
     ax1.grid(alpha=0.3)
     ax1.legend(fontsize=8)

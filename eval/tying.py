@@ -23,6 +23,7 @@ from eval.common import (
     write_json,
 )
 from eval.positions import recipe
+from eval.verdicts import fmt_seeds, per_seed
 from gpt2jax.config import PRESETS, GPTConfig
 from gpt2jax.model import param_breakdown
 
@@ -98,9 +99,9 @@ def plot(result: dict, path: Path) -> None:
     ax1.legend()
     for name, row in result["runs"].items():
         ax2.plot(*trailing_mean(row["train_loss"], 20)[:2], lw=1,
-                 label=f"{name} ({row['params'] / 1e6:.1f}M): val {row['val_loss']:.3f}")
+                 label=f"{name} ({row['params'] / 1e6:.1f}M): val {fmt_seeds(per_seed(row))}")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("train loss")
+    ax2.set_ylabel("train loss (first seed)")
     ax2.set_title(f"baby, same tokens ({result['tokens_per_run']:,})")
     ax2.grid(alpha=0.3)
     ax2.legend()
