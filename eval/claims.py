@@ -89,12 +89,14 @@ def render_lora(results: dict[str, dict]) -> Section:
            f"{norms['rslora'][hi] / norms['rslora'][lo]:.2f}×. At rank {hi} rsLoRA minus LoRA "
            f"is {gap.delta:+.4f} nats (margin {gap.margin:.4f}; the base starts at "
            f"{_f(r['base_val_loss'])}).")
-    how = (f"A base ({r['base']}) trained on the first 80% of Tiny Shakespeare is fine-tuned "
+    how = (f"A base ({r['base']}, {plan['base_steps']} steps) trained on the first 80% of "
+           f"Tiny Shakespeare is fine-tuned "
            f"on the last 20% (unseen plays) with adapters on q and v at ranks "
            f"{', '.join(str(k) for k in sorted(by['lora']))}, "
            f"alpha {plan['alpha']}, lr {plan['lr']}, {plan['steps']} steps of "
            f"{plan['batch_size']}×{r['block_size']} tokens, same data order, through "
-           f"`python -m train --lora-rank`. Val loss on the held-out part; ‖ΔW‖ = ‖s·A·B‖_F.")
+           f"`python -m train --lora-rank`. Val loss on the held-out part; ‖ΔW‖ = ‖s·A·B‖_F "
+           f"(of the first seed).")
     brief = (f"val loss at ranks {lo} → {hi}: LoRA {_fmt_losses(by['lora'][lo])} → "
              f"{_fmt_losses(by['lora'][hi])}, rsLoRA {_fmt_losses(by['rslora'][lo])} → "
              f"{_fmt_losses(by['rslora'][hi])}")
