@@ -51,7 +51,8 @@ class Plan:
     base_steps: int  # a step budget, not minutes: the base is the same on any machine
     base_warmup: int
     base_model: dict  # GPTConfig changes to the shakespeare recipe's model
-    batch_size: int
+    base_batch_size: int
+    batch_size: int  # of the fine-tunes
     steps: int
     warmup: int
     eval_every: int
@@ -61,12 +62,14 @@ class Plan:
     final_eval_batches: int = 0  # 0: the whole val split
 
 
-FULL = Plan(base_steps=300, base_warmup=100, base_model={},
-            batch_size=8, steps=200, warmup=20, eval_every=50)
+# fine-tunes of 4 rows: 4 ranks x 2 methods x 3 seeds = 24 runs, ~2.3 min each on one shared
+# core (8 rows took 4.6 min: the sweep alone would have been two hours)
+FULL = Plan(base_steps=300, base_warmup=100, base_model={}, base_batch_size=8,
+            batch_size=4, steps=200, warmup=20, eval_every=50)
 # A smoke test: a 1-layer, 64-dim base of 6 steps, two ranks, 3 adapter steps each.
 QUICK = Plan(base_steps=6, base_warmup=1,
              base_model={"n_layer": 1, "n_head": 2, "n_embd": 64, "block_size": 32},
-             batch_size=16, steps=3, warmup=1, eval_every=10_000, ranks=(2, 16),
+             base_batch_size=16, batch_size=16, steps=3, warmup=1, eval_every=10_000, ranks=(2, 16),
              final_eval_batches=2)
 
 
@@ -92,7 +95,7 @@ def train_base(plan: Plan, data: Path, work: Path) -> str:
     recipe = train_config.preset("shakespeare")
     cfg = recipe.replace(
         model=recipe.model.replace(**plan.base_model), data=str(data), max_minutes=None,
-        batch_size=plan.batch_size, max_steps=plan.base_steps,
+        batch_size=plan.base_batch_size, max_steps=plan.base_steps,
         eval_every=10**9, final_eval_batches=plan.final_eval_batches,
         ckpt_every=10**9, sample_tokens=0, peak_flops=1.0, warmup_steps=plan.base_warmup,
     )

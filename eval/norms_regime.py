@@ -64,7 +64,7 @@ def layer_grads_over_training(cfg: TrainConfig, work: Path, name: str) -> dict:
     config, params = initial_params(probe)
     x, y = probe_batch(Path(cfg.data), config.block_size)
     grad = jax.jit(jax.grad(lambda p: token_losses(p, x, y, config).mean()))
-    folder = Path(row["config"]["out"]) / "checkpoints"
+    folder = Path(row["config"]["out"]).absolute() / "checkpoints"  # orbax reads absolute paths
     steps, norms = [0], [block_grad_norms(grad(params))]
     reader = Checkpointer(folder, keep=None, read_only=True)
     try:
@@ -194,7 +194,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_ylabel("‖∇ block‖ on 8 fixed val rows")
-        ax.set_title(f"{placement}: per-layer gradient norms over training (first seed)")
+        ax.set_title(f"{placement}: per-layer gradient norms (first seed)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
     for ax in layer_axes[len(result["arms"]):]:

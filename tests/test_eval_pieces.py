@@ -93,10 +93,11 @@ def test_readme_block_is_replaced_between_its_markers(tmp_path):
         common.write_readme_block("other", "x", readme)
 
 
-def test_layer_gradient_probe_repeats_the_run_it_measures(tmp_path):
+def test_layer_gradient_probe_repeats_the_run_it_measures(tmp_path, monkeypatch):
     """The probe's run is the plain run (its checkpoints change no number): the same final
     val loss, and its last probe is the per-layer gradient at the plain run's final params;
-    its first is the gradient at the seed's init."""
+    its first is the gradient at the seed's init. The work folder is relative, as
+    `--work out/claims` is (orbax reads absolute paths only)."""
     from eval import norms_regime
     from eval.common import shakespeare_data, train_variant
     from eval.norms import block_grad_norms, recipe
@@ -104,9 +105,11 @@ def test_layer_gradient_probe_repeats_the_run_it_measures(tmp_path):
     from train.step import token_losses
     from train.trainer import initial_params
 
-    cfg = recipe(True, shakespeare_data(tmp_path)).replace(max_steps=4)
-    plain = train_variant(cfg, tmp_path, "plain")
-    probes = norms_regime.layer_grads_over_training(cfg, tmp_path, "plain")
+    monkeypatch.chdir(tmp_path)
+    work = Path("work")
+    cfg = recipe(True, shakespeare_data(work)).replace(max_steps=4)
+    plain = train_variant(cfg, work, "plain")
+    probes = norms_regime.layer_grads_over_training(cfg, work, "plain")
     assert probes["steps"] == [0, 1, 2, 3, 4]
     assert probes["val_loss"] == plain["val_loss"]
     x, y = norms_regime.probe_batch(Path(cfg.data), cfg.model.block_size)
