@@ -89,7 +89,10 @@ def render_lora(results: dict[str, dict]) -> Section:
            f"{norms['rslora'][hi] / norms['rslora'][lo]:.2f}×. At rank {hi} rsLoRA minus LoRA "
            f"is {gap.delta:+.4f} nats (margin {gap.margin:.4f}; the base starts at "
            f"{_f(r['base_val_loss'])}).")
-    how = (f"A base ({r['base']}, {plan['base_steps']} steps) trained on the first 80% of "
+    # sweeps before the fourth session gave the base minutes, not steps
+    budget = (f"{plan['base_minutes']:g} minutes" if plan.get("base_minutes")
+              else f"{plan['base_steps']} steps")
+    how = (f"A base ({r['base']}, {budget}) trained on the first 80% of "
            f"Tiny Shakespeare is fine-tuned "
            f"on the last 20% (unseen plays) with adapters on q and v at ranks "
            f"{', '.join(str(k) for k in sorted(by['lora']))}, "
