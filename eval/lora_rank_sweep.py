@@ -62,7 +62,7 @@ class Plan:
     final_eval_batches: int = 0  # 0: the whole val split
 
 
-# fine-tunes of 4 rows: 4 ranks x 2 methods x 3 seeds = 24 runs, ~2.3 min each on one shared
+# fine-tunes of 4 rows: 4 ranks x 2 methods x 3 seeds = 24 runs, 3.2 min each on one shared
 # core (8 rows took 4.6 min: the sweep alone would have been two hours)
 FULL = Plan(base_steps=300, base_warmup=100, base_model={}, base_batch_size=8,
             batch_size=4, steps=200, warmup=20, eval_every=50)
