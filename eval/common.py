@@ -43,26 +43,22 @@ def run_key(cfg: train_config.TrainConfig, root: Path = ROOT) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:10]
 
 
-def trained_model(*, ckpt: str | None, quick: bool, out: str | Path,
-                  minutes: float | None = None) -> tuple[GPTConfig, dict, np.ndarray]:
-    """(config, params, val tokens): from a training checkpoint when given, else a run of the
-    shakespeare recipe cut to `minutes` (quick: a 2-layer model, 30 steps)."""
+def toy_model(out: str | Path) -> tuple[GPTConfig, dict, np.ndarray]:
+    """(config, params, val tokens) of a smoke run: the shakespeare recipe cut to a 2-layer
+    model and 30 steps, trained into `out`."""
     recipe = train_config.preset("shakespeare").replace(out=str(out))
     data_dir = resolve_data(recipe)  # Tiny Shakespeare encoded once into out/data
-    val = np.asarray(data_lib.load_split(data_dir, "val"))
-    if ckpt:
-        config, params = checkpoint.load(ckpt)
-        return config, params, val
-    if quick:
-        recipe = recipe.replace(
-            model=recipe.model.replace(n_layer=2, n_head=2, n_embd=128, block_size=64),
-            warmup_steps=5, eval_batches=1, final_eval_batches=2, max_steps=30,
-        )
-    recipe = recipe.replace(data=str(data_dir), max_minutes=minutes or (None if quick else 5.0),
-                            eval_every=10_000, ckpt_every=10**9, sample_tokens=0)
+    recipe = recipe.replace(
+        model=recipe.model.replace(n_layer=2, n_head=2, n_embd=128, block_size=64),
+        warmup_steps=5, eval_batches=1, final_eval_batches=2, max_steps=30, max_minutes=None,
+        data=str(data_dir), eval_every=10_000, ckpt_every=10**9, sample_tokens=0)
     train(recipe, progress=True)
     config, params = checkpoint.load(Path(out))
-    return config, params, val
+    return config, params, val_tokens(data_dir)
+
+
+def val_tokens(data_dir: Path) -> np.ndarray:
+    return np.asarray(data_lib.load_split(data_dir, "val"))
 
 
 def shakespeare_data(work: str | Path) -> Path:

@@ -1,19 +1,21 @@
 """Claim 6: int8, with the norm leaves left in float. What it costs and what it saves.
 
-    python -m eval.quantization [--quick] [--ckpt DIR] [--out eval/results]
+    python -m eval.quantization [--seeds 3] [--work out/claims] [--out eval/results]
+    python -m eval.quantization --ckpt DIR [--name NAME]     # one given model
+    python -m eval.quantization --quick                      # a smoke run on a toy model
 
-Val loss / perplexity on the whole val split, greedy agreement with float32 over 200 new
-tokens (8 val prompts), and bytes for: float32; int8 weights per-channel (norms skipped, the
-default), per-tensor, and with the norm leaves quantized too (int8 and 4-bit, one scale per γ
-and per β vector; 4-bit values kept one per byte, so their bytes are int8's); W8A8 (int8
-activations per token) without and with SmoothQuant (α = 0.5, calibrated on the first 512
-tokens of the training text), and that with `wte` int8 too. Writes quantization.json and
-quantization.png.
-"""
+The model is the main job's (`python -m train --preset shakespeare`: 4 layers x 256, RoPE),
+trained MAIN_JOB_STEPS steps at each seed (cached runs under --work). For each: val loss /
+perplexity on the whole val split, greedy agreement with float32 over 200 new tokens (8 val
+prompts), and bytes for: float32; int8 weights per-channel (norms skipped, the default),
+per-tensor, and with the norm leaves quantized too (int8 and 4-bit, one scale per γ and per β
+vector; 4-bit values kept one per byte, so their bytes are int8's); W8A8 (int8 activations per
+token) without and with SmoothQuant (α = 0.5, calibrated on the first 512 tokens of the
+training text), and that with `wte` int8 too. The JSON holds each variant's means over the
+seeds and the per-seed values; writes quantization.json and quantization.png."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 from pathlib import Path
@@ -25,19 +27,18 @@ import jax  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from eval.common import (  # noqa: E402
-    RESULTS,
-    perplexity,
-    trained_model,
-    val_loss,
-    write_json,
-    write_readme_block,
-)  # noqa: E402
+from eval import common  # noqa: E402
+from eval.common import perplexity, val_loss, write_json, write_readme_block  # noqa: E402
+from gpt2jax import checkpoint  # noqa: E402
 from gpt2jax.generate import generate  # noqa: E402
 from gpt2jax.quant import int8  # noqa: E402
 from gpt2jax.quantize import calibrate, calibration_tokens, smoothquant  # noqa: E402
+from train.config import TrainConfig, preset  # noqa: E402
 
 SMOOTH_ALPHA = 0.5
+# The main job's 14.5-minute clock ended it at 709 and 715 steps on this project's 2-core host
+# (eval/results/train_shakespeare.json): its seeds here train that many steps.
+MAIN_JOB_STEPS = 700
 
 
 def norms_at(bits: int):
@@ -169,19 +170,60 @@ def readme_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def main_job_recipe(data: Path, seed: int) -> TrainConfig:
+    """The main job's recipe (`python -m train --preset shakespeare`) ended by steps, not its
+    14.5-minute clock, so the model does not depend on the machine's load."""
+    return preset("shakespeare").replace(
+        data=str(data), seed=seed, max_minutes=None, max_steps=MAIN_JOB_STEPS,
+        eval_every=10_000, ckpt_every=10**9, sample_tokens=0)
+
+
+def seeded_models(work: Path, seeds: int):
+    """(config, params, how it was trained) of the main job's recipe at seeds 0..seeds-1,
+    each a cached run under `work` (reused while its config and the training code stand)."""
+    data = common.shakespeare_data(work)
+    for seed in range(seeds):
+        row = common.train_variant(main_job_recipe(data, seed), work, f"main-job-s{seed}")
+        if row["diverged"]:
+            raise RuntimeError(f"the main job's recipe diverged at seed {seed}: see "
+                               f"{row['config']['out']}")
+        config, params = checkpoint.load(Path(row["config"]["out"]))
+        yield config, params, {"seed": seed, "step": row["steps"], "val_loss": row["val_loss"],
+                               "wall_s": row["wall_s"]}
+
+
+def aggregate(per_seed: list[dict]) -> dict:
+    """One result from each seed's `run` (same variants, same val split): every variant's
+    figures are the seeds' means, with the per-seed values beside them (`val_losses`,
+    `delta_loss_pcts`); the activation outliers are the largest per layer over the seeds."""
+    first = per_seed[0]
+    variants = {}
+    for name, row in first["variants"].items():
+        rows = [result["variants"][name] for result in per_seed]
+        variants[name] = {**row, **{key: float(np.mean([r[key] for r in rows])) for key in (
+            "val_loss", "perplexity", "greedy_match", "tokens_before_first_difference",
+            "delta_loss_pct", "size_vs_float32")},
+            "val_losses": [r["val_loss"] for r in rows],
+            "delta_loss_pcts": [r["delta_loss_pct"] for r in rows]}
+    outliers = {name: np.max([result["activation_outliers"][name] for result in per_seed],
+                             axis=0).tolist() for name in first["activation_outliers"]}
+    return {**first, "variants": variants, "activation_outliers": outliers,
+            "seeds": len(per_seed)}
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true",
-                   help="smoke run: a 30-step toy model, part of val, 2 short greedy prompts")
-    p.add_argument("--ckpt", help="evaluate this training checkpoint instead of training one")
-    p.add_argument("--train-minutes", type=float, default=None,
-                   help="training budget when no --ckpt (default 5; --quick: 30 steps)")
-    p.add_argument("--out", default=str(RESULTS))
-    p.add_argument("--name", default="quantization",
-                   help="results file stem: OUT/NAME.json and .png (one per model)")
-    p.add_argument("--readme", action="store_true",
-                   help="write the README's quality tables from --out's quantization*.json")
-    args = p.parse_args(argv)
+    def more_arguments(p):
+        p.add_argument("--ckpt", help="evaluate this one training checkpoint instead of "
+                       "training the main job's recipe at --seeds seeds")
+        p.add_argument("--name", default="quantization",
+                       help="results file stem: OUT/NAME.json and .png (one per model)")
+        p.add_argument("--readme", action="store_true",
+                       help="write the README's quality tables from --out's quantization*.json")
+
+    args = common.parse_experiment_args(
+        "python -m eval.quantization", __doc__.splitlines()[0],
+        "smoke run: a 30-step toy model (or --ckpt), part of val, 2 short greedy prompts",
+        argv, seeds=True, more_arguments=more_arguments)
     out = Path(args.out)
     if args.readme:
         paths = sorted(out.glob("quantization*.json"))
@@ -189,18 +231,37 @@ def main(argv=None):
             readme_table(json.loads(path.read_text())) for path in paths))
         print(f"wrote the README's int8 quality tables from {', '.join(map(str, paths))}")
         return
-    with tempfile.TemporaryDirectory() as work:
-        config, params, val = trained_model(ckpt=args.ckpt, quick=args.quick, out=work,
-                                            minutes=args.train_minutes)
-        quick = dict(max_tokens=2048, new_tokens=32, n_prompts=2) if args.quick else {}
-        result = run(params, config, val, **quick)
+    quick = dict(max_tokens=2048, new_tokens=32, n_prompts=2) if args.quick else {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.ckpt or args.quick:
+            if args.ckpt:
+                config, params = checkpoint.load(args.ckpt)
+                val = common.val_tokens(common.shakespeare_data(tmp))
+            else:
+                config, params, val = common.toy_model(tmp)
+            result = aggregate([run(params, config, val, **quick)])
+            summary = Path(args.ckpt or "", "summary.json")
+            if args.ckpt and summary.exists():  # how the checkpoint was trained, from the trainer
+                trained = json.loads(summary.read_text())
+                result["trained"] = {k: trained[k] for k in ("step", "stopped", "val_loss",
+                                                             "wall_s")}
+        else:
+            val = common.val_tokens(common.shakespeare_data(args.work))
+            per_seed, trained = [], []
+            for config, params, info in seeded_models(args.work, args.seeds):
+                print(f"==> seed {info['seed']}: {info['step']} steps, val {info['val_loss']:.4f}")
+                per_seed.append(run(params, config, val))
+                trained.append(info)
+            result = aggregate(per_seed)
+            result["trained"] = {"step": MAIN_JOB_STEPS, "stopped": "max_steps",
+                                 "val_loss": float(np.mean([t["val_loss"] for t in trained])),
+                                 "wall_s": float(np.mean([t["wall_s"] for t in trained])),
+                                 "per_seed": trained}
+            result["per_seed"] = per_seed
     result["model"] = config.to_dict()
-    summary = Path(args.ckpt or "", "summary.json")
-    if args.ckpt and summary.exists():  # how the checkpoint was trained, from the trainer
-        trained = json.loads(summary.read_text())
-        result["trained"] = {k: trained[k] for k in ("step", "stopped", "val_loss", "wall_s")}
     result["command"] = ("python -m eval.quantization" + (" --quick" if args.quick else "")
                          + (f" --ckpt {args.ckpt}" if args.ckpt else "")
+                         + (f" --seeds {args.seeds}" if not (args.ckpt or args.quick) else "")
                          + (f" --name {args.name}" if args.name != "quantization" else ""))
     write_json(out / f"{args.name}.json", result)
     plot(result, out / f"{args.name}.png")

@@ -264,17 +264,24 @@ NORM_SAVING_MAX_PCT = 1.0  # "saves almost nothing": under 1% of the int8 model'
 NORM_COST_MIN_PCT = 0.1  # "costs accuracy": val loss up by more than 0.1% over norms in float
 
 
-def int8_norms(saved_bytes: int, int8_bytes: int, skipped_delta_pct: float,
-               quantized_delta_pct: Mapping[str, float]) -> Verdict:
+def int8_norms(saved_bytes: int, int8_bytes: int, skipped_delta_pct: Sequence[float],
+               quantized_delta_pct: Mapping[str, Sequence[float]]) -> Verdict:
     """Bytes saved by quantizing the norms vs the int8 model's bytes; val-loss change (% of
-    float) with norms skipped and for each way of quantizing them. Parts: saves almost
-    nothing; costs accuracy (some norm quantization raises the loss by more than
-    NORM_COST_MIN_PCT points over skipping)."""
-    harm = max(quantized_delta_pct.values()) - skipped_delta_pct
+    float), one value per seed (the same seeds' models in every variant), with norms skipped
+    and for each way of quantizing them. Parts: saves almost nothing; costs accuracy (some
+    norm quantization raises the loss over skipping, paired by seed, by more than
+    NORM_COST_MIN_PCT points and by more than SPREAD_FACTOR sd of the per-seed rises)."""
+    def costs(deltas: Sequence[float]) -> bool:
+        if len(deltas) != len(skipped_delta_pct):
+            raise ValueError(f"{len(deltas)} seeds quantized vs {len(skipped_delta_pct)} "
+                             f"skipped: the rise is paired by seed")
+        mean, sd = mean_sd([q - s for q, s in zip(deltas, skipped_delta_pct, strict=True)])
+        return mean > NORM_COST_MIN_PCT and (math.isnan(sd) or mean > SPREAD_FACTOR * sd)
     return combine({
         "quantizing norms saves almost nothing": _holds(
             100 * saved_bytes / int8_bytes < NORM_SAVING_MAX_PCT),
-        "quantizing norms costs accuracy": _holds(harm > NORM_COST_MIN_PCT),
+        "quantizing norms costs accuracy": _holds(
+            any(costs(d) for d in quantized_delta_pct.values())),
     })
 
 
@@ -306,8 +313,9 @@ RULES = {
            f"{100 * ZERO_LOSS_GREEDY:.0f}% greedy agreement; in part if some parts hold"),
     "int8": (f"holds if the norms' int8 saving is under {NORM_SAVING_MAX_PCT}% of the int8 "
              f"model's bytes and quantizing them to int8 (one scale per γ and per β vector) "
-             f"raises val loss by more than "
-             f"{NORM_COST_MIN_PCT} points of % over skipping them; in part if one holds"),
+             f"raises val loss over skipping them, paired by seed, by more than "
+             f"{NORM_COST_MIN_PCT} points of % and by more than {SPREAD_FACTOR:g} sd of the "
+             f"per-seed rises; in part if one holds"),
 }
 SEEDS_RULE = (f"Training comparisons: a difference counts when |Δ mean| > {SPREAD_FACTOR:g} × "
               f"the pooled sd of the seeds and > {LOSS_FLOOR} nats (with one seed per arm, "

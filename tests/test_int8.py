@@ -163,6 +163,27 @@ def test_quantization_experiment_rows(small_params):
             == rows["int8 per-channel + norms int8"]["bytes"])
 
 
+def test_quantization_seeds_aggregate_per_variant():
+    """Each variant's figures are the seeds' means, the per-seed values are kept in seed order,
+    and the activation outliers are the largest per layer over the seeds."""
+    from eval.quantization import aggregate
+
+    def result(losses, outliers):
+        rows = {name: {"val_loss": loss, "perplexity": float(np.exp(loss)), "bytes": 10,
+                       "greedy_match": 1.0, "tokens_before_first_difference": 5.0,
+                       "delta_loss_pct": 100 * (loss / losses[0] - 1), "size_vs_float32": 1.0}
+                for name, loss in zip(("float32", "int8"), losses, strict=True)}
+        return {"variants": rows, "activation_outliers": {"c_fc": outliers}, "norm_params": 3}
+
+    merged = aggregate([result([4.0, 4.4], [1.0, 3.0]), result([5.0, 5.0], [2.0, 1.0])])
+    int8_row = merged["variants"]["int8"]
+    assert int8_row["val_losses"] == [4.4, 5.0] and int8_row["val_loss"] == pytest.approx(4.7)
+    np.testing.assert_allclose(int8_row["delta_loss_pcts"], [10.0, 0.0])
+    assert int8_row["delta_loss_pct"] == pytest.approx(5.0)
+    assert merged["activation_outliers"] == {"c_fc": [2.0, 3.0]}
+    assert (merged["seeds"], merged["norm_params"]) == (2, 3)
+
+
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_absmax_quantize_at_fewer_bits(bits):
     w = jax.random.normal(jax.random.key(3), (3, 40)) * jnp.arange(1, 4)[:, None]

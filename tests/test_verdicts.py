@@ -182,15 +182,24 @@ def test_kv_cache_rule_understates_when_every_figure_is_too_low():
     assert verdict.outcome == UNDERSTATES
 
 
-@pytest.mark.parametrize("saved, quantized, expected", [
-    (100, {"norms int8": 0.5}, HOLDS),
-    (100, {"per-channel norms int8": 0.0, "per-tensor norms int8": 0.3}, HOLDS),  # the worst
-    (100, {"norms int8": 0.05}, PART),  # nearly free to quantize
-    (5_000, {"norms int8": 0.5}, PART),  # a real saving
-    (5_000, {"norms int8": 0.0}, FAILS),
+@pytest.mark.parametrize("saved, skipped, quantized, expected", [
+    (100, [0.0], {"norms int8": [0.5]}, HOLDS),  # one model: only the 0.1-point floor
+    (100, [0.0], {"per-channel norms int8": [0.0], "per-tensor norms int8": [0.3]}, HOLDS),
+    (100, [0.0], {"norms int8": [0.05]}, PART),  # nearly free to quantize
+    (5_000, [0.0], {"norms int8": [0.5]}, PART),  # a real saving
+    (5_000, [0.0], {"norms int8": [0.0]}, FAILS),
+    # seeds, paired: rises of 0.3, 0.31, 0.29 points are a cost...
+    (100, [0.1, 0.0, 0.2], {"norms int8": [0.4, 0.31, 0.49]}, HOLDS),
+    # ...rises of 0.6, -0.3, 0.3 (mean 0.2 > 0.1, but sd 0.46) are not
+    (100, [0.0, 0.3, 0.0], {"norms int8": [0.6, 0.0, 0.3]}, PART),
 ])
-def test_int8_norms_rule(saved, quantized, expected):
-    assert v.int8_norms(saved, 100_000, 0.0, quantized).outcome == expected
+def test_int8_norms_rule(saved, skipped, quantized, expected):
+    assert v.int8_norms(saved, 100_000, skipped, quantized).outcome == expected
+
+
+def test_int8_norms_rule_pairs_seeds_and_refuses_unpaired_lists():
+    with pytest.raises(ValueError, match="paired by seed"):
+        v.int8_norms(100, 100_000, [0.0, 0.0], {"norms int8": [0.5]})
 
 
 def test_every_rule_is_printed_with_its_thresholds():
