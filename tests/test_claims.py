@@ -172,6 +172,24 @@ def test_int8_verdict_reads_the_int8_norm_rows_not_the_4_bit_one():
     assert section.verdict.parts["quantizing norms costs accuracy"] == "holds"
 
 
+def test_int8_section_reads_the_seeds_models_paired():
+    """With seeds, the table shows mean ± sd and the cost of quantizing the norms is judged on
+    each seed's rise over its own norms-float model: a mean rise of 0.2 points whose seeds
+    disagree (sd 0.46) is not a cost; the same rises, consistent, are."""
+    def row(deltas):
+        return {"val_loss": 4.0, "val_losses": [4.0, 4.1, 3.9], "delta_loss_pct": sum(deltas) / 3,
+                "delta_loss_pcts": deltas, "bytes": 1_000_000, "size_vs_float32": 0.3}
+    result = {"norm_bytes_saved_by_int8": 1_000, "norm_params": 333, "variants": {
+        "float32": row([0.0, 0.0, 0.0]), "int8 per-channel (norms float)": row([0.0, 0.3, 0.0]),
+        "int8 per-channel + norms int8": row([0.6, 0.0, 0.3])}}
+    section = claims.render_int8({"quantization.json": result})
+    assert section.verdict.parts["quantizing norms costs accuracy"] == "does not hold"
+    assert "4.0000 ± 0.1000 (3 seeds)" in section.table and "3 trained models" in section.how
+    result["variants"]["int8 per-channel + norms int8"] = row([0.3, 0.6, 0.31])
+    section = claims.render_int8({"quantization.json": result})
+    assert section.verdict.parts["quantizing norms costs accuracy"] == "holds"
+
+
 def test_regime_text_reads_the_per_layer_gradient_probes():
     """The spread of per-layer gradient norms, where the largest is at the end, and whether
     the probe runs are the arms' runs, all from the probes in the JSON."""
