@@ -235,6 +235,14 @@ def _regime_text(search: dict) -> str:
             f"steps, lr {' / '.join(f'{x:g}' for x in search['lrs'])}, warmup "
             f"{' / '.join(map(str, search['warmups']))}, one seed): post-LN trained at "
             f"{', '.join(trains) if trains else 'none of them'}")
+    cells: dict[tuple, dict] = {}
+    for r in grid:
+        cells.setdefault((r["lr"], r["warmup"]), {})[r["placement"]] = r["val_loss"]
+    gaps = [f"{c['post'] - c['pre']:+.3f} at lr {lr:g} warmup {warmup}"
+            for (lr, warmup), c in cells.items()
+            if rules.trained(c.get("pre")) and rules.trained(c.get("post"))]
+    if gaps:
+        text += f" (post − pre, one seed each: {', '.join(gaps)})"
     chosen = search["chosen"]
     if chosen is None:
         return text + "; no setting trained every placement, so nothing is compared there."

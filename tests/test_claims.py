@@ -208,3 +208,15 @@ def test_regime_text_reads_the_per_layer_gradient_probes():
         arm["layer_grads"]["val_loss"] = arm["val_losses"][0]
     assert "they are those runs" in claims._layer_grads_text({"arms": arms})
     assert claims._layer_grads_text({"arms": {"pre": {"val_losses": [5.0]}}}) == ""
+
+
+def test_regime_text_gives_post_minus_pre_at_every_cell_where_both_trained():
+    row = lambda placement, warmup, loss: {"placement": placement, "lr": 3e-4, "warmup": warmup,
+                                           "val_loss": loss, "diverged": False}
+    grid = [row("pre", 0, 5.4), row("post", 0, 5.7), row("deepnorm", 0, 5.6),
+            row("pre", 500, 5.3), row("post", 500, 11.0), row("deepnorm", 500, 5.5)]
+    text = claims._regime_text({"grid": grid, "depth": 6, "steps": 1000, "lrs": [3e-4],
+                                "warmups": [0, 500], "chosen": None})
+    assert "(post − pre, one seed each: +0.300 at lr 0.0003 warmup 0)" in text  # not at 500
+    assert "post-LN trained at lr 0.0003 warmup 0;" not in text
+    assert text.endswith("no setting trained every placement, so nothing is compared there.")
