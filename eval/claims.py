@@ -18,7 +18,6 @@ import argparse
 import dataclasses
 import importlib
 import json
-import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -315,36 +314,27 @@ def render_kv(results: dict[str, dict]) -> Section:
     return Section(how, table, verdict, rules.RULES["kv"], why, brief)
 
 
-def _pcts(row: dict) -> list[float]:
-    """A variant's val-loss change (% of float) per seed (one value in a one-model JSON)."""
-    return list(row.get("delta_loss_pcts", [row["delta_loss_pct"]]))
-
-
-def _fmt_pct(values: list[float]) -> str:
-    mean, sd = rules.mean_sd(values)
-    return f"{mean:+.4f}%" + ("" if math.isnan(sd) else f" ± {sd:.4f}")
-
-
 def render_int8(results: dict[str, dict]) -> Section:
     r = results["quantization.json"]
     variants = r["variants"]
-    rows = [[name, rules.fmt_seeds(rules.per_seed(row), 4), _fmt_pct(_pcts(row)),
+    change = lambda row: rules.fmt_pct(rules.per_seed_pct(row))  # noqa: E731
+    rows = [[name, rules.fmt_seeds(rules.per_seed(row), 4), change(row),
              f"{row['bytes']:,}", f"{row['size_vs_float32']:.3f}"]
             for name, row in variants.items()]
     skipped = variants["int8 per-channel (norms float)"]
     # the article's claim is about int8: the verdict reads the int8-norm variants only; a
     # lower width is reported beside it (that it costs more says nothing about int8)
-    norm_rows = {name: _pcts(row) for name, row in variants.items()
+    norm_rows = {name: rules.per_seed_pct(row) for name, row in variants.items()
                  if "norms" in name and "norms float" not in name}
     quantized = {name: deltas for name, deltas in norm_rows.items() if "norms int8" in name}
     verdict = rules.int8_norms(r["norm_bytes_saved_by_int8"], skipped["bytes"],
-                               _pcts(skipped), quantized)
+                               rules.per_seed_pct(skipped), quantized)
     saved_pct = 100 * r["norm_bytes_saved_by_int8"] / skipped["bytes"]
-    moves = ", ".join(f"{name} {_fmt_pct(deltas)}" for name, deltas in quantized.items())
-    lower = ", ".join(f"{name} {_fmt_pct(deltas)}" for name, deltas in norm_rows.items()
+    moves = ", ".join(f"{name} {rules.fmt_pct(deltas)}" for name, deltas in quantized.items())
+    lower = ", ".join(f"{name} {rules.fmt_pct(deltas)}" for name, deltas in norm_rows.items()
                       if name not in quantized)
-    seeds = len(_pcts(skipped))
-    why = (f"int8 with the norms skipped moves val loss by {_fmt_pct(_pcts(skipped))}; "
+    seeds = len(rules.per_seed_pct(skipped))
+    why = (f"int8 with the norms skipped moves val loss by {change(skipped)}; "
            f"quantizing the norms too: {moves}"
            + (f" (below int8, for scale: {lower})" if lower else "")
            + (f" (mean ± sd over {seeds} seeds' models)" if seeds > 1 else "")
@@ -357,15 +347,15 @@ def render_int8(results: dict[str, dict]) -> Section:
         why += (f" The activations the norms feed: their largest channel is at most "
                 f"{max(outliers['c_attn']):.1f}× (c_attn input) and "
                 f"{max(outliers['c_fc']):.1f}× (c_fc input) the median channel's, and int8 "
-                f"activations per token move val loss {_fmt_pct(_pcts(variants['w8a8']))}"
-                + (f" ({_fmt_pct(_pcts(smooth))} with SmoothQuant)" if smooth else "")
+                f"activations per token move val loss {change(variants['w8a8'])}"
+                + (f" ({change(smooth)} with SmoothQuant)" if smooth else "")
                 + ".")
     models = "one trained model" if seeds == 1 else f"{seeds} trained models (seeds)"
     how = (f"Val loss and bytes of {models} in float32 and int8 variants (per-channel or "
            "per-tensor scales; norms kept in float, or quantized too with one scale per γ and "
            "per β vector, at int8 and at 4 bits).")
     brief = (f"quantizing the norms saves {saved_pct:.3f}% of the int8 bytes and moves val "
-             f"loss {moves} (norms float: {_fmt_pct(_pcts(skipped))})")
+             f"loss {moves} (norms float: {change(skipped)})")
     header = ["variant", "val loss", "Δ loss", "bytes", "size vs float32"]
     return Section(how, _md_table(header, rows), verdict, rules.RULES["int8"], why, brief)
 

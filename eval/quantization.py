@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from eval import common  # noqa: E402
 from eval.common import perplexity, val_loss, write_json, write_readme_block  # noqa: E402
+from eval.verdicts import fmt_pct, fmt_seeds, per_seed, per_seed_pct  # noqa: E402
 from gpt2jax import checkpoint  # noqa: E402
 from gpt2jax.generate import generate  # noqa: E402
 from gpt2jax.quant import int8  # noqa: E402
@@ -150,12 +151,15 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def readme_table(result: dict) -> str:
-    """The README's quality table, every figure from quantization.json."""
+    """The README's quality table, every figure from quantization.json (with seeds: means,
+    and the sd over the seeds' models)."""
     model = result["model"]
     trained = result.get("trained")
+    seeds = result.get("seeds", 1)
     lines = [f"{model['n_layer']} layers × {model['n_embd']} dims, {model['pos_embedding']} "
-             f"positions" + (f", trained {trained['step']} steps ({trained['wall_s'] / 60:.0f} min)"
-                             if trained else "")
+             f"positions" + (f", trained {trained['step']} steps ({trained['wall_s'] / 60:.0f} min"
+                             f"{' each' if seeds > 1 else ''})" if trained else "")
+             + (f", {seeds} seeds (mean ± sd over their models)" if seeds > 1 else "")
              + f" (`{result['command']}`); val loss over the whole val split, greedy "
              f"tokens equal to float32's over {result['greedy_new_tokens']} new tokens from "
              f"{result['greedy_prompts']} val prompts; largest LayerNorm-output channel over the "
@@ -165,7 +169,7 @@ def readme_table(result: dict) -> str:
              "", "| variant | val loss | Δ vs float32 | greedy tokens equal | bytes |",
              "|---|---:|---:|---:|---:|"]
     for name, row in result["variants"].items():
-        lines.append(f"| {name} | {row['val_loss']:.4f} | {row['delta_loss_pct']:+.4f}% | "
+        lines.append(f"| {name} | {fmt_seeds(per_seed(row), 4)} | {fmt_pct(per_seed_pct(row))} | "
                      f"{100 * row['greedy_match']:.1f}% | {row['bytes']:,} |")
     return "\n".join(lines)
 

@@ -87,6 +87,18 @@ def fmt_seeds(values: Sequence[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f} ({len(values)} seeds)"
 
 
+def per_seed_pct(row: Mapping) -> list[float]:
+    """A quantized variant's val-loss change (% of float) per seed: its `delta_loss_pcts`, or
+    [its one delta_loss_pct] in a one-model result."""
+    return list(row.get("delta_loss_pcts", [row["delta_loss_pct"]]))
+
+
+def fmt_pct(values: Sequence[float]) -> str:
+    """'+0.0123% ± 0.0040', or the one value for a single seed."""
+    mean, sd = mean_sd(values)
+    return f"{mean:+.4f}%" + ("" if math.isnan(sd) else f" ± {sd:.4f}")
+
+
 # ---------------------------------------------------------------------------- combining parts
 
 
