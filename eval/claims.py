@@ -230,9 +230,13 @@ def _regime_text(search: dict) -> str:
     grid = search["grid"]
     post = [r for r in grid if r["placement"] == "post"]
     trains = [f"lr {r['lr']:g} warmup {r['warmup']}" for r in post if rules.trained(r["val_loss"])]
+    warmups_at: dict[float, list[int]] = {}
+    for r in post:
+        warmups_at.setdefault(r["lr"], []).append(r["warmup"])
+    settings = "; ".join(f"lr {lr:g} with warmup {' / '.join(map(str, ws))}"
+                         for lr, ws in sorted(warmups_at.items()))
     text = (f"Searching where post-LN trains ({search['depth']} layers, {search['steps']} "
-            f"steps, lr {' / '.join(f'{x:g}' for x in search['lrs'])}, warmup "
-            f"{' / '.join(map(str, search['warmups']))}, one seed): post-LN trained at "
+            f"steps; {settings}; one seed): post-LN trained at "
             f"{', '.join(trains) if trains else 'none of them'}")
     cells: dict[tuple, dict] = {}
     for r in grid:

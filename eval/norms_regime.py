@@ -1,6 +1,7 @@
 """Claim 4, decisive: where does post-LN train, and does it end lower than pre-LN there?
 
     python -m eval.norms_regime [--quick] [--seeds 3] [--out eval/results] [--work out/claims]
+                                [--lrs 1e-4 3e-4 --warmups 100 500 | --cells LR:WARMUP ...]
 
 `eval.norms` trains its grid at the depth and learning rates where pre-LN is comfortable, and
 post-LN never leaves the unigram plateau there, so "post-LN can end at a better loss" goes
@@ -20,6 +21,7 @@ Writes norms_regime.json and norms_regime.png.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import jax
@@ -79,7 +81,9 @@ def layer_grads_over_training(cfg: TrainConfig, work: Path, name: str) -> dict:
     return {"steps": steps, "norms": norms, "val_loss": row["val_loss"]}
 
 
-def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS) -> dict:
+def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS,
+        cells: tuple[tuple[float, int], ...] | None = None) -> dict:
+    """Search every (lr, warmup) in `cells` (default: lrs × warmups)."""
     data = shakespeare_data(work)
     base = recipe(quick, data)
     if quick:  # the setting of `eval.norms --quick`'s grid: its runs are reused by name
@@ -97,21 +101,30 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
         return base.replace(model=base.model.replace(n_layer=depth, norm_placement=placement),
                             lr=lr, min_lr=lr / 10, warmup_steps=warmup, max_steps=steps)
 
+    if quick or cells is None:
+        cells = tuple((lr, warmup) for lr in lrs for warmup in warmups)
+        command = ("" if quick or tuple(lrs) == LRS else f" --lrs {' '.join(map(str, lrs))}") \
+            + ("" if quick or tuple(warmups) == WARMUPS
+               else f" --warmups {' '.join(map(str, warmups))}")
+    else:
+        command = f" --cells {' '.join(f'{lr:g}:{warmup}' for lr, warmup in cells)}"
+    lrs = sorted({lr for lr, _ in cells})
+    warmups = sorted({warmup for _, warmup in cells})
     grid = []
-    for lr in lrs:
-        for warmup in warmups:
-            for placement in PLACEMENTS:
-                row = train_seeds(config(placement, lr, warmup), work,
-                                  name(placement, lr, warmup), 1)
-                grid.append({"placement": placement, "lr": lr, "warmup": warmup,
-                             "val_loss": row["val_loss"], "diverged": row["diverged"]})
-                print(f"{placement:<8} lr {lr:<6g} warmup {warmup:<4d} val {row['val_loss']}",
-                      flush=True)
-    cells = {(r["lr"], r["warmup"]): {} for r in grid}
+    for lr, warmup in cells:
+        for placement in PLACEMENTS:
+            row = train_seeds(config(placement, lr, warmup), work,
+                              name(placement, lr, warmup), 1)
+            grid.append({"placement": placement, "lr": lr, "warmup": warmup,
+                         "val_loss": row["val_loss"], "diverged": row["diverged"]})
+            print(f"{placement:<8} lr {lr:<6g} warmup {warmup:<4d} val {row['val_loss']}",
+                  flush=True)
+    losses_at = {cell: {} for cell in cells}
     for r in grid:
-        cells[r["lr"], r["warmup"]][r["placement"]] = r["val_loss"]
-    all_train = [cell for cell, losses in cells.items() if all(map(trained, losses.values()))]
-    chosen = min(all_train, key=lambda cell: cells[cell]["post"], default=None)
+        losses_at[r["lr"], r["warmup"]][r["placement"]] = r["val_loss"]
+    all_train = [cell for cell, losses in losses_at.items()
+                 if all(map(trained, losses.values()))]
+    chosen = min(all_train, key=lambda cell: losses_at[cell]["post"], default=None)
     arms = {}
     if chosen is not None:
         lr, warmup = chosen
@@ -124,11 +137,9 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
                 cfg, work, name(placement, lr, warmup))
             print(f"{placement:<8} {seeds} seeds: {row['val_losses']}", flush=True)
     result = {
-        "command": "python -m eval.norms_regime" + (" --quick" if quick else "")
-                   + ("" if quick or tuple(lrs) == LRS else f" --lrs {' '.join(map(str, lrs))}")
-                   + ("" if quick or tuple(warmups) == WARMUPS
-                      else f" --warmups {' '.join(map(str, warmups))}"),
-        "depth": depth, "steps": steps, "lrs": list(lrs), "warmups": list(warmups),
+        "command": "python -m eval.norms_regime" + (" --quick" if quick else "") + command,
+        "depth": depth, "steps": steps, "lrs": lrs, "warmups": warmups,
+        "cells": [list(cell) for cell in cells],
         "train": {k: v for k, v in config("pre", lrs[0], warmups[0]).to_dict().items()
                   if k not in ("out", "data", "lr", "min_lr", "warmup_steps")},
         "grid": grid, "chosen": None if chosen is None else {"lr": chosen[0],
@@ -211,10 +222,25 @@ def main(argv=None) -> None:
         p.add_argument("--warmups", type=int, nargs="+", default=list(WARMUPS),
                        help=f"warmup steps searched (default {' '.join(map(str, WARMUPS))})")
 
+        p.add_argument("--cells", type=_cell, nargs="+", metavar="LR:WARMUP",
+                       help="search these (lr, warmup) pairs instead of --lrs × --warmups, "
+                       "e.g. 3e-4:0 3e-4:100 1e-4:100")
+
     args = parse_experiment_args("python -m eval.norms_regime", __doc__,
                                  "the runs of eval.norms --quick, reused", argv,
                                  seeds=True, more_arguments=grid_arguments)
-    run(args.quick, args.out, args.work, args.seeds, tuple(args.lrs), tuple(args.warmups))
+    run(args.quick, args.out, args.work, args.seeds, tuple(args.lrs), tuple(args.warmups),
+        tuple(args.cells) if args.cells else None)
+
+
+def _cell(text: str) -> tuple[float, int]:
+    """'3e-4:100' -> (0.0003, 100)."""
+    lr, sep, warmup = text.partition(":")
+    try:
+        return float(lr), int(warmup)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not LR:WARMUP (a float and an integer, e.g. 3e-4:100)") from None
 
 
 if __name__ == "__main__":

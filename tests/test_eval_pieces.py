@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import jax
@@ -120,3 +121,11 @@ def test_layer_gradient_probe_repeats_the_run_it_measures(tmp_path, monkeypatch)
                                block_grad_norms(grad(initial_params(cfg)[1])), rtol=1e-5)
     assert len(probes["norms"][0]) == cfg.model.n_layer
     assert probes["norms"][0] != probes["norms"][-1]
+
+
+def test_norms_regime_cells_parse_and_a_bad_one_is_named():
+    from eval import norms_regime
+
+    assert norms_regime._cell("3e-4:100") == (3e-4, 100)
+    with pytest.raises(argparse.ArgumentTypeError, match="'3e-4' is not LR:WARMUP"):
+        norms_regime._cell("3e-4")
