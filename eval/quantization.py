@@ -157,9 +157,12 @@ def readme_table(result: dict) -> str:
     trained = result.get("trained")
     seeds = result.get("seeds", 1)
     lines = [f"{model['n_layer']} layers × {model['n_embd']} dims, {model['pos_embedding']} "
-             f"positions" + (f", trained {trained['step']} steps ({trained['wall_s'] / 60:.0f} min"
-                             f"{' each' if seeds > 1 else ''})" if trained else "")
-             + (f", {seeds} seeds (mean ± sd over their models)" if seeds > 1 else "")
+             f"positions"
+             # seeds train by steps: their wall time is the machine's load, not the model
+             + (f", trained {trained['step']} steps each at {seeds} seeds (mean ± sd over "
+                f"their models)" if seeds > 1 else
+                f", trained {trained['step']} steps ({trained['wall_s'] / 60:.0f} min)"
+                if trained else "")
              + f" (`{result['command']}`); val loss over the whole val split, greedy "
              f"tokens equal to float32's over {result['greedy_new_tokens']} new tokens from "
              f"{result['greedy_prompts']} val prompts; largest LayerNorm-output channel over the "
