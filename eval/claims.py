@@ -238,11 +238,8 @@ def _regime_text(search: dict) -> str:
     text = (f"Searching where post-LN trains ({search['depth']} layers, {search['steps']} "
             f"steps; {settings}; one seed): post-LN trained at "
             f"{', '.join(trains) if trains else 'none of them'}")
-    cells: dict[tuple, dict] = {}
-    for r in grid:
-        cells.setdefault((r["lr"], r["warmup"]), {})[r["placement"]] = r["val_loss"]
     gaps = [f"{c['post'] - c['pre']:+.3f} at lr {lr:g} warmup {warmup}"
-            for (lr, warmup), c in cells.items()
+            for (lr, warmup), c in rules.losses_by_cell(grid).items()
             if rules.trained(c.get("pre")) and rules.trained(c.get("post"))]
     if gaps:
         text += f" (post − pre, one seed each: {', '.join(gaps)})"

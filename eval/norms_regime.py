@@ -37,7 +37,7 @@ from eval.common import (
     write_json,
 )
 from eval.norms import LONG, PLACEMENTS, block_grad_norms, recipe
-from eval.verdicts import UNIGRAM_LOSS, trained
+from eval.verdicts import UNIGRAM_LOSS, losses_by_cell, trained
 from gpt2jax.checkpoint import Checkpointer
 from train import TrainConfig
 from train import data as data_lib
@@ -119,9 +119,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
                          "val_loss": row["val_loss"], "diverged": row["diverged"]})
             print(f"{placement:<8} lr {lr:<6g} warmup {warmup:<4d} val {row['val_loss']}",
                   flush=True)
-    losses_at = {cell: {} for cell in cells}
-    for r in grid:
-        losses_at[r["lr"], r["warmup"]][r["placement"]] = r["val_loss"]
+    losses_at = losses_by_cell(grid)
     all_train = [cell for cell, losses in losses_at.items()
                  if all(map(trained, losses.values()))]
     chosen = min(all_train, key=lambda cell: losses_at[cell]["post"], default=None)
@@ -235,7 +233,7 @@ def main(argv=None) -> None:
 
 def _cell(text: str) -> tuple[float, int]:
     """'3e-4:100' -> (0.0003, 100)."""
-    lr, sep, warmup = text.partition(":")
+    lr, _, warmup = text.partition(":")
     try:
         return float(lr), int(warmup)
     except ValueError:

@@ -202,23 +202,23 @@ def seeded_models(work: Path, seeds: int):
                                "wall_s": row["wall_s"]}
 
 
-def aggregate(per_seed: list[dict]) -> dict:
+def aggregate(seed_results: list[dict]) -> dict:
     """One result from each seed's `run` (same variants, same val split): every variant's
     figures are the seeds' means, with the per-seed values beside them (`val_losses`,
     `delta_loss_pcts`); the activation outliers are the largest per layer over the seeds."""
-    first = per_seed[0]
+    first = seed_results[0]
     variants = {}
     for name, row in first["variants"].items():
-        rows = [result["variants"][name] for result in per_seed]
+        rows = [result["variants"][name] for result in seed_results]
         variants[name] = {**row, **{key: float(np.mean([r[key] for r in rows])) for key in (
             "val_loss", "perplexity", "greedy_match", "tokens_before_first_difference",
             "delta_loss_pct", "size_vs_float32")},
             "val_losses": [r["val_loss"] for r in rows],
             "delta_loss_pcts": [r["delta_loss_pct"] for r in rows]}
-    outliers = {name: np.max([result["activation_outliers"][name] for result in per_seed],
+    outliers = {name: np.max([result["activation_outliers"][name] for result in seed_results],
                              axis=0).tolist() for name in first["activation_outliers"]}
     return {**first, "variants": variants, "activation_outliers": outliers,
-            "seeds": len(per_seed)}
+            "seeds": len(seed_results)}
 
 
 def main(argv=None):
@@ -257,17 +257,17 @@ def main(argv=None):
                                                              "wall_s")}
         else:
             val = common.val_tokens(common.shakespeare_data(args.work))
-            per_seed, trained = [], []
+            seed_results, trained = [], []
             for config, params, info in seeded_models(args.work, args.seeds):
                 print(f"==> seed {info['seed']}: {info['step']} steps, val {info['val_loss']:.4f}")
-                per_seed.append(run(params, config, val))
+                seed_results.append(run(params, config, val))
                 trained.append(info)
-            result = aggregate(per_seed)
+            result = aggregate(seed_results)
             result["trained"] = {"step": MAIN_JOB_STEPS, "stopped": "max_steps",
                                  "val_loss": float(np.mean([t["val_loss"] for t in trained])),
                                  "wall_s": float(np.mean([t["wall_s"] for t in trained])),
                                  "per_seed": trained}
-            result["per_seed"] = per_seed
+            result["per_seed"] = seed_results
     result["model"] = config.to_dict()
     result["command"] = ("python -m eval.quantization" + (" --quick" if args.quick else "")
                          + (f" --ckpt {args.ckpt}" if args.ckpt else "")

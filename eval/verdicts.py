@@ -87,6 +87,15 @@ def fmt_seeds(values: Sequence[float], digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {sd:.{digits}f} ({len(values)} seeds)"
 
 
+def losses_by_cell(grid: Sequence[Mapping]) -> dict[tuple[float, int], dict[str, float | None]]:
+    """A one-seed search's rows ({placement, lr, warmup, val_loss}) as
+    {(lr, warmup): {placement: val_loss}}, in the rows' order."""
+    cells: dict[tuple[float, int], dict[str, float | None]] = {}
+    for r in grid:
+        cells.setdefault((r["lr"], r["warmup"]), {})[r["placement"]] = r["val_loss"]
+    return cells
+
+
 def per_seed_pct(row: Mapping) -> list[float]:
     """A quantized variant's val-loss change (% of float) per seed: its `delta_loss_pcts`, or
     [its one delta_loss_pct] in a one-model result."""
