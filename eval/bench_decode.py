@@ -27,8 +27,8 @@ and loaded by GPT2LMHeadModel), same threads (the cores this process may use), g
 - the memory-bandwidth bound: a batch-1 decode step must read every weight once, so it
   cannot beat (measured DRAM read bandwidth) / (weight bytes).
 
---quick runs 2 layers of the `baby` preset at 128 dims, length 32, batch 1 only, 1 call per
-cell: a smoke run.
+--quick runs 2 layers of the `baby` preset at 128 dims with a 512-token vocabulary, length 32,
+batch 1 only, 1 call per cell: a smoke run.
 --readme writes the README's decode table from the JSON (`<!-- bench_decode:` markers).
 """
 
@@ -63,6 +63,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LENGTHS = (64, 128, 256, 512, 1024)
+QUICK_SHAPE = {"n_layer": 2, "n_head": 2, "n_embd": 128, "vocab_size": 512}
 QUICK_LENGTHS = (32,)  # its cached cell reuses the headline's programs (16 + 16)
 BATCHES = (1, 8)
 HEADLINE, QUICK_HEADLINE = (32, 128), (16, 16)  # prompt tokens, new tokens
@@ -221,9 +222,9 @@ def run(preset: str, quick: bool, ckpt: str | None = None, lengths=None) -> dict
         params = int8.dequantize(params)  # the float32 side; int8 sides are made from it
     else:
         # a smoke run keeps 2 of the preset's layers (with a cache each layer is its own
-        # code) at 128 dims: it checks the program, and compute at -O0 is most of its time
-        config = GPTConfig.preset(preset, **({"n_layer": 2, "n_head": 2, "n_embd": 128}
-                                             if quick else {}))
+        # code) at 128 dims and a 512-token vocabulary (random weights need no tokenizer):
+        # it checks the program, and the 50257-wide lm_head was most of its compute at -O0
+        config = GPTConfig.preset(preset, **(QUICK_SHAPE if quick else {}))
         params = init_params(config, jax.random.key(0))
     lengths = [n for n in (lengths or (QUICK_LENGTHS if quick else LENGTHS))
                if n <= config.block_size]

@@ -138,22 +138,24 @@ def score_error(qk_layers, config: GPTConfig, tq: TurboQuantConfig) -> dict:
     """Scores from key codes vs exact q·k (both / sqrt(d)) over causal pairs, all layers;
     outlier channels selected from the first PROMPT keys, as a cache's prefill does."""
     sums = np.zeros(3)  # squared error, squared deviation, total variation
-    N, T, _ = qk_layers[0][0].shape
-    B, prompt = N // config.n_head, min(PROMPT, T)
-    cache = make_cache(config, B, prompt, tq)
     for layer, (q_NTD, k_NTD) in enumerate(qk_layers):
-        prompt_BTHD = rows_to_heads(k_NTD[:, :prompt], B)
-        keys, _ = cache.write(layer, prompt_BTHD, prompt_BTHD).quantizers(layer)
-        approx_NTS = keys.scores(keys.prepare_query(q_NTD), keys.quantize(k_NTD))
-        sums += np.asarray(_score_sums(q_NTD, k_NTD, approx_NTS))
+        sums += np.asarray(_score_sums(q_NTD, k_NTD, config, tq, layer))
+    N, T, _ = qk_layers[0][0].shape
     rows = N * T * len(qk_layers)
     return {"score_rel_rmse": float((sums[0] / sums[1]) ** 0.5),
             "attention_tv": float(sums[2] / rows)}
 
 
-@jax.jit  # one program for every kind and layer: eagerly, each op compiled on its own
-def _score_sums(q_NTD, k_NTD, approx_NTS):
-    d, T = q_NTD.shape[-1], q_NTD.shape[1]
+# one program per kind and layer: eagerly, each of the quantizer's ops compiled on its own
+# (--quick: 332 compiles, most of them these)
+@functools.partial(jax.jit, static_argnames=("config", "tq", "layer"))
+def _score_sums(q_NTD, k_NTD, config: GPTConfig, tq: TurboQuantConfig, layer: int):
+    N, T, d = q_NTD.shape
+    B, prompt = N // config.n_head, min(PROMPT, T)
+    prompt_BTHD = rows_to_heads(k_NTD[:, :prompt], B)
+    cache = make_cache(config, B, prompt, tq)
+    keys, _ = cache.write(layer, prompt_BTHD, prompt_BTHD).quantizers(layer)
+    approx_NTS = keys.scores(keys.prepare_query(q_NTD), keys.quantize(k_NTD))
     exact = jnp.einsum("NTD,NSD->NTS", q_NTD, k_NTD) * d**-0.5
     approx = approx_NTS * d**-0.5
     mask = jnp.tril(jnp.ones((T, T), bool))
@@ -179,8 +181,8 @@ def model_under_test(quick: bool, ckpt: str | None, work: Path) -> str:
         return ckpt
     data = shakespeare_data(work)
     if quick:  # head dim 64 like GPT-2's, 1 layer of 1 head: seconds to train
-        cfg = TrainConfig(model=GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=128),
-                          data=str(data), batch_size=4, max_steps=30, warmup_steps=3, lr=3e-3,
+        cfg = TrainConfig(model=GPTConfig(n_layer=1, n_head=1, n_embd=64, block_size=64),
+                          data=str(data), batch_size=2, max_steps=10, warmup_steps=1, lr=3e-3,
                           min_lr=3e-4, eval_every=10**9, eval_batches=2,
                           final_eval_batches=2, ckpt_every=10**9,
                           sample_tokens=0, peak_flops=1.0)
@@ -348,7 +350,7 @@ def plot(result: dict, path: Path) -> None:
 
 def main(argv=None) -> None:
     args = parse_experiment_args(
-        "python -m eval.kv_quant", __doc__, "a 1-layer toy, 8 windows", argv,
+        "python -m eval.kv_quant", __doc__, "a 1-layer toy, 2 windows", argv,
         more_arguments=lambda p: p.add_argument("--ckpt", help="a checkpoint to test instead"))
     run(args.quick, args.out, args.work, args.ckpt)
 

@@ -69,7 +69,7 @@ FULL = Plan(base_steps=300, base_warmup=100, base_model={}, base_batch_size=8,
 # A smoke test: a 1-layer, 64-dim base of 6 steps, two ranks, 3 adapter steps each.
 QUICK = Plan(base_steps=6, base_warmup=1,
              base_model={"n_layer": 1, "n_head": 2, "n_embd": 64, "block_size": 32},
-             base_batch_size=16, batch_size=16, steps=3, warmup=1, eval_every=10_000, ranks=(2, 16),
+             base_batch_size=4, batch_size=4, steps=3, warmup=1, eval_every=10_000, ranks=(2, 16),
              final_eval_batches=2)
 
 

@@ -78,7 +78,7 @@ def last_over_rest(norms: list[float]) -> float:
 def recipe(quick: bool, data: Path) -> TrainConfig:
     if quick:
         return TrainConfig(model=GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16),
-                           data=str(data), batch_size=32, max_steps=6, warmup_steps=0, lr=1e-3,
+                           data=str(data), batch_size=8, max_steps=6, warmup_steps=0, lr=1e-3,
                            min_lr=1e-4, grad_clip=0.0, eval_every=10**9, eval_batches=1,
                            final_eval_batches=2,
                            ckpt_every=10**9, sample_tokens=0, peak_flops=1.0)

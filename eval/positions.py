@@ -40,7 +40,7 @@ def recipe(quick: bool, data: Path) -> TrainConfig:
     """The shared training setup: baby at 200 steps x 4 x 256 tokens (quick: a 1-layer toy)."""
     if quick:
         model_config = GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)
-        return TrainConfig(model=model_config, data=str(data), batch_size=16, max_steps=6,
+        return TrainConfig(model=model_config, data=str(data), batch_size=4, max_steps=6,
                            warmup_steps=1, lr=3e-3, min_lr=3e-4, eval_every=10**9,
                            eval_batches=1, final_eval_batches=2, ckpt_every=10**9,
                            sample_tokens=0, peak_flops=1.0)

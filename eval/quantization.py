@@ -241,7 +241,7 @@ def main(argv=None):
             readme_table(json.loads(path.read_text())) for path in paths))
         print(f"wrote the README's int8 quality tables from {', '.join(map(str, paths))}")
         return
-    quick = dict(max_tokens=2048, new_tokens=32, n_prompts=2) if args.quick else {}
+    quick = dict(max_tokens=512, new_tokens=8, n_prompts=2) if args.quick else {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.ckpt or args.quick:
             if args.ckpt:
