@@ -27,11 +27,13 @@ def _xla_accepts(flag: str) -> bool:
 # 1.07 -> 0.31 s at -O0 without them): the legacy emitters are used while this XLA still
 # has them. Set once here, so xdist workers and child processes inherit
 # it. Benchmarks under eval/ keep XLA's defaults.
+# `python -m eval.profile_compile` measures these flag sets.
+SUITE_XLA_FLAGS = None  # what this session set, None when the caller set XLA_FLAGS
 if "XLA_FLAGS" not in os.environ:
     _flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     _legacy_emitters = "--xla_cpu_use_fusion_emitters=false"
-    os.environ["XLA_FLAGS"] = _flags + (f" {_legacy_emitters}"
-                                        if _xla_accepts(_legacy_emitters) else "")
+    SUITE_XLA_FLAGS = _flags + (f" {_legacy_emitters}" if _xla_accepts(_legacy_emitters) else "")
+    os.environ["XLA_FLAGS"] = SUITE_XLA_FLAGS
 
 # Tests compile the same programs again and again (a tiny model trained by several tests, a
 # child process running what its parent ran, two xdist workers): XLA's persistent cache,

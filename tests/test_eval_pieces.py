@@ -129,3 +129,13 @@ def test_norms_regime_cells_parse_and_a_bad_one_is_named():
     assert norms_regime._cell("3e-4:100") == (3e-4, 100)
     with pytest.raises(argparse.ArgumentTypeError, match="'3e-4' is not LR:WARMUP"):
         norms_regime._cell("3e-4")
+
+
+def test_compile_profile_measures_the_flags_this_suite_runs_under():
+    """`eval.profile_compile` is the evidence for conftest's XLA flags: it must time them."""
+    import conftest
+    from eval.profile_compile import FLAG_SETS
+
+    if conftest.SUITE_XLA_FLAGS is None:
+        pytest.skip("XLA_FLAGS was set by the caller, not by the suite")
+    assert conftest.SUITE_XLA_FLAGS in FLAG_SETS.values()
