@@ -11,7 +11,8 @@ claims both.
    test), same data order and steps: diverged (NaN/inf) or not, and the final val loss.
 3. The three placements trained 5x longer (lr 1e-3, warmup 50): which ends lower.
 
-Every training run is repeated at --seeds seeds (default 3).
+The grid (2) is a search, one seed per cell; the comparison (3) is repeated at --seeds seeds
+(default 3), whose first seed is the grid's run of that setting when the steps match.
 
 Writes norms.json and norms.png.
 """
@@ -111,7 +112,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
             for warmup in warmups:
                 cfg = base.replace(model=base.model.replace(norm_placement=placement), lr=lr,
                                    min_lr=lr / 10, warmup_steps=warmup)
-                row = train_seeds(cfg, work, f"norm-{placement}-lr{lr:g}-w{warmup}", seeds)
+                row = train_seeds(cfg, work, f"norm-{placement}-lr{lr:g}-w{warmup}", 1)
                 row.update(placement=placement, lr=lr, warmup=warmup)
                 runs.append(row)
                 outcome = "DIVERGED" if row["diverged"] else f"val {row['val_loss']:.4f}"
