@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from eval.common import (
+    SEEDS,
     parse_experiment_args,
     shakespeare_data,
     trailing_mean,
@@ -130,7 +131,8 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
         print(f"{placement:<8} {cfg.max_steps} steps: val {row['val_loss']}")
     strip = lambda r: {k: v for k, v in r.items() if k not in ("config", "train_loss")}
     result = {
-        "command": f"python -m eval.norms{' --quick' if quick else ''}",
+        "command": f"python -m eval.norms{' --quick' if quick else ''}"
+                   f"{f' --seeds {seeds}' if seeds != (1 if quick else SEEDS) else ''}",
         "init_grad_norms": {str(d): v for d, v in grads.items()}, "grad_width": width,
         "train": {k: v for k, v in base.to_dict().items() if k not in ("out", "data")},
         "runs": [strip(r) for r in runs], "long_steps": base.max_steps * factor,
