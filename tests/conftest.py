@@ -23,17 +23,17 @@ def _xla_accepts(flag: str) -> bool:
 
 # The suite compiles hundreds of tiny programs and runs each a few times: compile time
 # dominates, and XLA's backend optimizations roughly double it (measured: 4.2 s -> 2.2 s per
-# model variant). XLA:CPU's newer fusion emitters triple it again (a toy train step's grad:
-# 1.07 -> 0.31 s at -O0 without them): the legacy emitters are used while this XLA still
-# has them. Set once here, so xdist workers and child processes inherit
-# it. Benchmarks under eval/ keep XLA's defaults.
-# `python -m eval.profile_compile` measures these flag sets.
-SUITE_XLA_FLAGS = None  # what this session set, None when the caller set XLA_FLAGS
+# model variant). Without XLA:CPU's newer fusion emitters a compile at -O0 takes about half
+# as long again (`python -m eval.profile_compile`): the legacy emitters are used while this
+# XLA still has them. Set once here, so xdist workers and child processes inherit it; the copy in
+# GPT2JAX_TEST_XLA_FLAGS says the suite set it (`python -m eval.profile_compile` times these
+# flag sets). Benchmarks under eval/ keep XLA's defaults.
 if "XLA_FLAGS" not in os.environ:
     _flags = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
     _legacy_emitters = "--xla_cpu_use_fusion_emitters=false"
-    SUITE_XLA_FLAGS = _flags + (f" {_legacy_emitters}" if _xla_accepts(_legacy_emitters) else "")
-    os.environ["XLA_FLAGS"] = SUITE_XLA_FLAGS
+    os.environ["GPT2JAX_TEST_XLA_FLAGS"] = os.environ["XLA_FLAGS"] = _flags + (
+        f" {_legacy_emitters}" if _xla_accepts(_legacy_emitters) else "")
+SUITE_XLA_FLAGS = os.environ.get("GPT2JAX_TEST_XLA_FLAGS")
 
 # Tests compile the same programs again and again (a tiny model trained by several tests, a
 # child process running what its parent ran, two xdist workers): XLA's persistent cache,
