@@ -134,6 +134,7 @@ def test_norms_regime_cells_parse_and_a_bad_one_is_named():
 def test_compile_profile_measures_the_flags_this_suite_runs_under():
     """`eval.profile_compile` is the evidence for conftest's XLA flags: it must time them."""
     import conftest
+
     from eval.profile_compile import FLAG_SETS
 
     if conftest.SUITE_XLA_FLAGS is None:
