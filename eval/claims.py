@@ -43,6 +43,14 @@ class Claim:
     statement: str
     experiments: tuple[tuple[str, str], ...]  # (module, JSON file it writes)
     render: Callable[[dict[str, dict]], Section]
+    # (module, JSON glob): checks run by their own command, not by this one (too slow for
+    # the full run's budget); rendered when their JSON is in the results folder
+    checks: tuple[tuple[str, str], ...] = ()
+
+    def outputs(self, out: Path) -> list[tuple[str, str]]:
+        """(module, JSON name) of the experiments, then of the checks present in `out`."""
+        return list(self.experiments) + [(module, path.name) for module, pattern in self.checks
+                                         for path in sorted(out.glob(pattern))]
 
 
 def _md_table(header: list[str], rows: list[list]) -> str:
@@ -203,6 +211,8 @@ def render_norms(results: dict[str, dict]) -> Section:
            f"ratio is {gpt2['post']:.2f}.")
     if search is not None:
         why += " " + _regime_text(search)
+    for name in sorted(n for n in results if n.startswith("norms_regime_d")):
+        why += " A deeper check, outside the verdict: " + _regime_text(results[name])
     train = r["train"]
     m = train["model"]
     how = (f"Per-layer gradient norms at init for pre-LN, post-LN and DeepNorm (depths "
@@ -378,7 +388,7 @@ CLAIMS = (
           "Pre-LN trains stably without warmup; post-LN can end at a better loss but is "
           "unstable (its gradients grow toward the output); DeepNorm fixes post-LN.",
           (("eval.norms", "norms.json"), ("eval.norms_regime", "norms_regime.json")),
-          render_norms),
+          render_norms, checks=(("eval.norms_regime", "norms_regime_d*.json"),)),
     Claim("5. KV cache and TurboQuant",
           "The KV cache turns per-token recomputation into a lookup (\"around 2× overall\") "
           "at a memory cost of 2 × layers × sequence × dimension; TurboQuant shrinks that "
@@ -439,7 +449,7 @@ def sections(out: Path) -> list[tuple[Claim, Section]]:
     """Each claim with its section, rendered from the JSON files in `out`."""
     done = []
     for claim in CLAIMS:
-        results = {name: json.loads((out / name).read_text()) for _, name in claim.experiments}
+        results = {name: json.loads((out / name).read_text()) for _, name in claim.outputs(out)}
         done.append((claim, claim.render(results)))
     return done
 
@@ -449,7 +459,7 @@ def recorded_commands(claim: Claim, out: Path, quick: bool) -> str:
     all), else the experiment's plain command."""
     return ", ".join(
         f"`{json.loads((out / name).read_text()).get('command', command(m, quick))}`"
-        for m, name in claim.experiments)
+        for m, name in claim.outputs(out))
 
 
 def report(quick: bool, out: Path) -> str:
@@ -463,7 +473,7 @@ def report(quick: bool, out: Path) -> str:
     body = []
     for claim, s in sections(out):
         summary.append([claim.title, s.verdict.outcome])
-        plots = "\n\n".join(f"![{name[:-5]}]({name[:-5]}.png)" for _, name in claim.experiments)
+        plots = "\n\n".join(f"![{name[:-5]}]({name[:-5]}.png)" for _, name in claim.outputs(out))
         commands = recorded_commands(claim, out, quick)
         parts_text = "; ".join(f"{part}: {outcome}" for part, outcome in s.verdict.parts.items())
         body += [f"## {claim.title}", "", f"**Claim.** {claim.statement}", "",

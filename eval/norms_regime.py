@@ -2,6 +2,7 @@
 
     python -m eval.norms_regime [--quick] [--seeds 3] [--out eval/results] [--work out/claims]
                                 [--lrs 1e-4 3e-4 --warmups 100 500 | --cells LR:WARMUP ...]
+                                [--depth 6]
 
 `eval.norms` trains its grid at the depth and learning rates where pre-LN is comfortable, and
 post-LN never leaves the unigram plateau there, so "post-LN can end at a better loss" goes
@@ -16,7 +17,12 @@ the first seed's run again with a checkpoint every tenth of the run (the same ru
 change no number, and its final val loss is recorded beside the arm's), and at each
 checkpoint ‖∇ block l‖ on one fixed batch of val tokens.
 
-Writes norms_regime.json and norms_regime.png.
+--depth N searches a deeper (or shallower) model at the same width: its results go to
+norms_regime_dN.json / .png beside the 6-layer search's, and the claims report adds them as a
+check (the verdict stays on the 6-layer search's seeded arms). `eval.claims` does not run it:
+a 12-layer cell is six 1000-step runs (three placements, then the chosen cell's probes).
+
+Writes norms_regime.json and norms_regime.png (norms_regime_dN.* with --depth N).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from eval.common import (
+    SEEDS,
     parse_experiment_args,
     shakespeare_data,
     trailing_mean,
@@ -46,6 +53,12 @@ from train.trainer import initial_params
 
 DEPTH, STEPS, LRS, WARMUPS = 6, 1000, (1e-4, 3e-4), (100, 500)
 PROBES = 10  # per-layer gradient probes over a run (plus one at init)
+
+
+def result_name(depth: int) -> str:
+    """The JSON a search at `depth` writes: the default depth's is the claim's experiment,
+    another depth's a check beside it."""
+    return "norms_regime.json" if depth == DEPTH else f"norms_regime_d{depth}.json"
 
 
 def probe_batch(data: Path, block_size: int, rows: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -82,15 +95,15 @@ def layer_grads_over_training(cfg: TrainConfig, work: Path, name: str) -> dict:
 
 
 def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS,
-        cells: tuple[tuple[float, int], ...] | None = None) -> dict:
-    """Search every (lr, warmup) in `cells` (default: lrs × warmups)."""
+        cells: tuple[tuple[float, int], ...] | None = None, depth: int = DEPTH) -> dict:
+    """Search every (lr, warmup) in `cells` (default: lrs × warmups) at `depth` layers."""
     data = shakespeare_data(work)
     base = recipe(quick, data)
     if quick:  # the setting of `eval.norms --quick`'s grid: its runs are reused by name
         depth, steps = base.model.n_layer, base.max_steps
         lrs, warmups = (LONG["lr"],), (min(LONG["warmup_steps"], base.max_steps // 4),)
     else:
-        depth, steps = DEPTH, STEPS
+        steps = STEPS
 
     def name(placement, lr, warmup):
         if quick:
@@ -108,6 +121,8 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
                else f" --warmups {' '.join(map(str, warmups))}")
     else:
         command = f" --cells {' '.join(f'{lr:g}:{warmup}' for lr, warmup in cells)}"
+    command += "" if quick or depth == DEPTH else f" --depth {depth}"
+    command += "" if seeds == (1 if quick else SEEDS) else f" --seeds {seeds}"
     lrs = sorted({lr for lr, _ in cells})
     warmups = sorted({warmup for _, warmup in cells})
     grid = []
@@ -144,8 +159,8 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
                                                               "warmup": chosen[1]},
         "arms": arms,
     }
-    write_json(out / "norms_regime.json", result)
-    plot(result, out / "norms_regime.png")
+    path = write_json(out / result_name(depth), result)
+    plot(result, path.with_suffix(".png"))
     return result
 
 
@@ -223,12 +238,24 @@ def main(argv=None) -> None:
         p.add_argument("--cells", type=_cell, nargs="+", metavar="LR:WARMUP",
                        help="search these (lr, warmup) pairs instead of --lrs × --warmups, "
                        "e.g. 3e-4:0 3e-4:100 1e-4:100")
+        p.add_argument("--depth", type=_depth, default=DEPTH,
+                       help=f"layers (default {DEPTH}; another depth writes "
+                       "norms_regime_d<depth>.json, a check beside the claim's search)")
 
     args = parse_experiment_args("python -m eval.norms_regime", __doc__,
                                  "the runs of eval.norms --quick, reused", argv,
                                  seeds=True, more_arguments=grid_arguments)
+    if args.quick and args.depth != DEPTH:
+        raise SystemExit(f"--depth {args.depth} with --quick: the smoke run reuses "
+                         "eval.norms --quick's toy runs at their own depth; drop one of them")
     run(args.quick, args.out, args.work, args.seeds, tuple(args.lrs), tuple(args.warmups),
-        tuple(args.cells) if args.cells else None)
+        tuple(args.cells) if args.cells else None, args.depth)
+
+
+def _depth(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of layers (an integer ≥ 1)")
+    return int(text)
 
 
 def _cell(text: str) -> tuple[float, int]:

@@ -210,6 +210,32 @@ def test_regime_text_reads_the_per_layer_gradient_probes():
     assert claims._layer_grads_text({"arms": {"pre": {"val_losses": [5.0]}}}) == ""
 
 
+def test_a_deeper_regime_check_is_reported_beside_the_claim_and_outside_its_verdict(tmp_path):
+    """`eval.norms_regime --depth N` writes norms_regime_dN.json: when present, claim 4's
+    section describes it, shows its plot and command; the verdict is the 6-layer one's."""
+    out = tmp_path / "results"
+    shutil.copytree(RESULTS, out, ignore=shutil.ignore_patterns("quick", "REPORT.md"))
+    claim = next(c for c in claims.CLAIMS if c.render is claims.render_norms)
+    before = claims.sections(out)
+    deeper = json.loads((out / "norms_regime.json").read_text())
+    post = [r for r in deeper["grid"] if r["placement"] == "post"]
+    for r in post:
+        r["val_loss"] = 7.0  # post-LN stuck above the unigram loss at this depth
+    deeper.update(depth=12, chosen=None, arms={},
+                  command="python -m eval.norms_regime --cells 0.0003:100 --depth 12")
+    (out / "norms_regime_d12.json").write_text(json.dumps(deeper))
+    assert [name for _, name in claim.outputs(out)][-1] == "norms_regime_d12.json"
+    after = claims.sections(out)
+    section = next(s for c, s in after if c is claim)
+    assert "A deeper check, outside the verdict: Searching where post-LN trains (12 layers" \
+        in section.why
+    assert "post-LN trained at none of them" in section.why
+    assert [s.verdict for _, s in after] == [s.verdict for _, s in before]
+    report = claims.report(False, out)
+    assert "![norms_regime_d12](norms_regime_d12.png)" in report
+    assert "`python -m eval.norms_regime --cells 0.0003:100 --depth 12`" in report
+
+
 def test_regime_text_gives_post_minus_pre_at_every_cell_where_both_trained():
     row = lambda placement, warmup, loss: {"placement": placement, "lr": 3e-4, "warmup": warmup,
                                            "val_loss": loss, "diverged": False}

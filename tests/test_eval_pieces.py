@@ -131,6 +131,18 @@ def test_norms_regime_cells_parse_and_a_bad_one_is_named():
         norms_regime._cell("3e-4")
 
 
+def test_norms_regime_depth_names_its_own_json_and_bad_depths_are_named(tmp_path, capsys):
+    from eval import norms_regime
+
+    assert norms_regime.result_name(norms_regime.DEPTH) == "norms_regime.json"
+    assert norms_regime.result_name(12) == "norms_regime_d12.json"  # never the claim's file
+    with pytest.raises(argparse.ArgumentTypeError, match="'0' is not a number of layers"):
+        norms_regime._depth("0")
+    with pytest.raises(SystemExit, match="--depth 12 with --quick"):
+        norms_regime.main(["--quick", "--depth", "12", "--out", str(tmp_path)])
+    assert not list(tmp_path.iterdir())  # refused before anything ran
+
+
 def test_compile_profile_measures_the_flags_this_suite_runs_under():
     """`eval.profile_compile` is the evidence for conftest's XLA flags: it must time them."""
     import conftest
