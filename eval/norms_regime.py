@@ -97,6 +97,7 @@ def layer_grads_over_training(cfg: TrainConfig, work: Path, name: str) -> dict:
 def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS,
         cells: tuple[tuple[float, int], ...] | None = None, depth: int = DEPTH) -> dict:
     """Search every (lr, warmup) in `cells` (default: lrs × warmups) at `depth` layers."""
+    json_name = result_name(depth)  # --quick trains the toy's depth, under the same name
     data = shakespeare_data(work)
     base = recipe(quick, data)
     if quick:  # the setting of `eval.norms --quick`'s grid: its runs are reused by name
@@ -159,7 +160,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
                                                               "warmup": chosen[1]},
         "arms": arms,
     }
-    path = write_json(out / result_name(depth), result)
+    path = write_json(out / json_name, result)
     plot(result, path.with_suffix(".png"))
     return result
 
