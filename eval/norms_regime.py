@@ -20,7 +20,7 @@ checkpoint ‖∇ block l‖ on one fixed batch of val tokens.
 --depth N searches a deeper (or shallower) model at the same width: its results go to
 norms_regime_dN.json / .png beside the 6-layer search's, and the claims report adds them as a
 check (the verdict stays on the 6-layer search's seeded arms). `eval.claims` does not run it:
-a 12-layer cell is six 1000-step runs (three placements, then the chosen cell's probes).
+a 12-layer cell is three 1000-step runs, three more with the probes (--no-probes skips them).
 
 Writes norms_regime.json and norms_regime.png (norms_regime_dN.* with --depth N).
 """
@@ -95,8 +95,10 @@ def layer_grads_over_training(cfg: TrainConfig, work: Path, name: str) -> dict:
 
 
 def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS,
-        cells: tuple[tuple[float, int], ...] | None = None, depth: int = DEPTH) -> dict:
-    """Search every (lr, warmup) in `cells` (default: lrs × warmups) at `depth` layers."""
+        cells: tuple[tuple[float, int], ...] | None = None, depth: int = DEPTH,
+        probes: bool = True) -> dict:
+    """Search every (lr, warmup) in `cells` (default: lrs × warmups) at `depth` layers;
+    `probes`: per-layer gradient norms over the chosen cell's first seeds (a run each)."""
     json_name = result_name(depth)  # --quick trains the toy's depth, under the same name
     data = shakespeare_data(work)
     base = recipe(quick, data)
@@ -124,6 +126,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
         command = f" --cells {' '.join(f'{lr:g}:{warmup}' for lr, warmup in cells)}"
     command += "" if quick or depth == DEPTH else f" --depth {depth}"
     command += "" if seeds == (1 if quick else SEEDS) else f" --seeds {seeds}"
+    command += "" if probes else " --no-probes"
     lrs = sorted({lr for lr, _ in cells})
     warmups = sorted({warmup for _, warmup in cells})
     grid = []
@@ -147,8 +150,9 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
             row = train_seeds(cfg, work, name(placement, lr, warmup), seeds)
             arms[placement] = {k: row[k] for k in ("val_losses", "seeds", "train_loss",
                                                    "grad_norm")}
-            arms[placement]["layer_grads"] = layer_grads_over_training(
-                cfg, work, name(placement, lr, warmup))
+            if probes:
+                arms[placement]["layer_grads"] = layer_grads_over_training(
+                    cfg, work, name(placement, lr, warmup))
             print(f"{placement:<8} {seeds} seeds: {row['val_losses']}", flush=True)
     result = {
         "command": "python -m eval.norms_regime" + (" --quick" if quick else "") + command,
@@ -210,8 +214,8 @@ def plot(result: dict, path: Path) -> None:
              else "no setting where every placement trains")
     ax2.set_title(title)
     ax3.set_title(title)
-    for ax, (placement, arm) in zip(layer_axes, result["arms"].items(), strict=False):
-        probes = arm["layer_grads"]
+    probed = {p: arm["layer_grads"] for p, arm in result["arms"].items() if "layer_grads" in arm}
+    for ax, (placement, probes) in zip(layer_axes, probed.items(), strict=False):
         by_layer = np.asarray(probes["norms"]).T
         colors = plt.cm.viridis(np.linspace(0, 0.9, len(by_layer)))
         for layer, (norms, color) in enumerate(zip(by_layer, colors, strict=True)):
@@ -222,7 +226,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_title(f"{placement}: per-layer gradient norms (first seed)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    for ax in layer_axes[len(result["arms"]):]:
+    for ax in layer_axes[len(probed):]:
         ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -242,6 +246,8 @@ def main(argv=None) -> None:
         p.add_argument("--depth", type=_depth, default=DEPTH,
                        help=f"layers (default {DEPTH}; another depth writes "
                        "norms_regime_d<depth>.json, a check beside the claim's search)")
+        p.add_argument("--no-probes", dest="probes", action="store_false",
+                       help="skip the per-layer gradient probes (one more run per placement)")
 
     args = parse_experiment_args("python -m eval.norms_regime", __doc__,
                                  "the runs of eval.norms --quick, reused", argv,
@@ -250,7 +256,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"--depth {args.depth} with --quick: the smoke run reuses "
                          "eval.norms --quick's toy runs at their own depth; drop one of them")
     run(args.quick, args.out, args.work, args.seeds, tuple(args.lrs), tuple(args.warmups),
-        tuple(args.cells) if args.cells else None, args.depth)
+        tuple(args.cells) if args.cells else None, args.depth, args.probes)
 
 
 def _depth(text: str) -> int:

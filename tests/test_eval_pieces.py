@@ -143,6 +143,20 @@ def test_norms_regime_depth_names_its_own_json_and_bad_depths_are_named(tmp_path
     assert not list(tmp_path.iterdir())  # refused before anything ran
 
 
+def test_norms_regime_plots_a_search_run_without_probes(tmp_path):
+    """--no-probes leaves the arms without per-layer gradients: the plot draws the rest."""
+    import json
+
+    from eval import norms_regime
+    from eval.common import RESULTS
+
+    result = json.loads((RESULTS / "norms_regime.json").read_text())
+    for arm in result["arms"].values():
+        del arm["layer_grads"]
+    norms_regime.plot(result, tmp_path / "search.png")
+    assert (tmp_path / "search.png").stat().st_size > 0
+
+
 def test_compile_profile_measures_the_flags_this_suite_runs_under():
     """`eval.profile_compile` is the evidence for conftest's XLA flags: it must time them."""
     import conftest
