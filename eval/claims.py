@@ -263,6 +263,8 @@ def _regime_text(search: dict) -> str:
     if not all(rules.trained(x) for x in arms["pre"] + arms["post"]):
         return text + "; a seed of pre- or post-LN did not train there."
     diff = rules.difference(arms["post"], arms["pre"])
+    if min(len(arms["post"]), len(arms["pre"])) < 2:  # no seed spread: nothing to judge by
+        return text + f"; post − pre {diff.delta:+.3f} (one seed: no spread to judge it by)."
     text += f"; post − pre {diff.delta:+.3f} against a margin of {diff.margin:.3f}."
     return text + _layer_grads_text(search)
 

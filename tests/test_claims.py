@@ -33,7 +33,7 @@ def _check_report(report: str, out) -> None:
         assert re.search(r"^\|.*\d.*\|$", section, flags=re.M), f"{claim.title}: no numbers"
         assert "**Reproduce:** `python -m eval." in section
         images = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", section)
-        assert len(images) == len(claim.experiments)
+        assert len(images) == len(claim.outputs(out))  # the experiments' and the checks'
         for image in images:
             assert (out / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image
 
@@ -246,3 +246,9 @@ def test_regime_text_gives_post_minus_pre_at_every_cell_where_both_trained():
     assert "(post − pre, one seed each: +0.300 at lr 0.0003 warmup 0)" in text  # not at 500
     assert "post-LN trained at lr 0.0003 warmup 0;" not in text
     assert text.endswith("no setting trained every placement, so nothing is compared there.")
+    one_seed = {p: {"val_losses": [5.4 + i / 10]}
+                for i, p in enumerate(("pre", "post", "deepnorm"))}
+    text = claims._regime_text({"grid": grid, "depth": 12, "steps": 1000, "lrs": [3e-4],
+                                "warmups": [0, 500], "chosen": {"lr": 3e-4, "warmup": 0},
+                                "arms": one_seed})
+    assert text.endswith("post − pre +0.100 (one seed: no spread to judge it by).")
