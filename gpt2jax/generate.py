@@ -21,6 +21,7 @@ TurboQuant codes). It is static: each kind is its own program, the decode scan t
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Iterator, Sequence
 
 import jax
@@ -152,6 +153,13 @@ def _prepare(prompts, config: GPTConfig, max_new_tokens, temperature, top_k, top
             f"{longest + max_new_tokens} exceeds block_size={config.block_size}, the most "
             f"positions learned embeddings (wpe) can encode: "
             f"{' or '.join(fixes) or 'shorten both'}")
+    if config.pos_embedding != "learned" and longest + max_new_tokens > config.block_size:
+        warnings.warn(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} = "
+            f"{longest + max_new_tokens} positions runs past block_size={config.block_size}, "
+            f"the context the model was trained at: {config.pos_embedding} positions go on, "
+            f"but expect the text to degrade past {config.block_size} tokens",
+            stacklevel=4)
     # Learned positions stop at block_size: so do the buckets (the check above keeps every
     # real token below it). The cache length depends on the prompt bucket and
     # max_new_tokens only, so every prompt length in a bucket shares one program.

@@ -48,6 +48,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("GPT2JAX_DATA_DIR", REPO.parent / "shared" / "data"))
+# Exported, so that every child process (experiments run as `python -m eval...`, trainers in
+# subprocesses) finds the corpus here too instead of trying to download it.
+os.environ["GPT2JAX_DATA_DIR"] = str(DATA_DIR)
+# Test weights are made locally: no test may reach a model hub, in this process or a child.
+for _offline in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_offline, "1")
 
 
 def require(module: str):

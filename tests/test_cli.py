@@ -83,3 +83,14 @@ def test_train_cli_fits_a_preset_warmup_into_a_short_run(capsys):
     assert train_main(["--max-steps", "2", "--warmup-steps", "3", "--print-config"]) == 2
     assert "warmup_steps=3 must be in [0, max_steps=2)" in capsys.readouterr().err
     assert "shrinks to max_steps // 10" in " ".join(train_parser().format_help().split())
+
+
+def test_sample_with_an_empty_prompt_starts_from_endoftext(ckpt_dir, capsys, monkeypatch):
+    """As nanoGPT and Hugging Face do: the one token <|endoftext|>, never id 0 ('!')."""
+    prompts = []
+    real_generate = sample.generate
+    monkeypatch.setattr(sample, "generate",
+                        lambda p, c, rows, **kw: prompts.append(rows) or real_generate(p, c, rows,
+                                                                                        **kw))
+    assert sample.main(["--ckpt", str(ckpt_dir), "--prompt", "", "--max-new-tokens", "3"]) == 0
+    assert prompts == [[[tokenizer.EOT_ID]]]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import warnings
 
 import jax
 import numpy as np
@@ -152,10 +153,16 @@ def test_bad_input_is_named_before_any_compute(tiny, prompts, kwargs, message):
         generate(params, config, prompts, **kwargs)
 
 
-def test_rope_generates_past_block_size():
+def test_rope_generates_past_block_size_with_a_warning_naming_both_lengths():
     config, params = _model(pos_embedding="rope", block_size=16)
-    out = generate(params, config, [list(range(12))], max_new_tokens=20, key=jax.random.key(0))
+    with pytest.warns(UserWarning, match=r"12 tokens \+ max_new_tokens=20 = 32 positions runs "
+                                         r"past block_size=16"):
+        out = generate(params, config, [list(range(12))], max_new_tokens=20,
+                       key=jax.random.key(0))
     assert out.shape == (1, 20)
+    with warnings.catch_warnings():  # exactly at the context: silent
+        warnings.simplefilter("error")
+        generate(params, config, [list(range(12))], max_new_tokens=4, key=jax.random.key(0))
 
 
 # ---------------------------------------------------------------------------- streaming

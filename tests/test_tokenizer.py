@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-import os
 import shutil
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pytest
 import tiktoken
 import tiktoken.load
 import tiktoken_ext.openai_public
+from conftest import DATA_DIR
 
 from gpt2jax import tokenizer
 
@@ -19,7 +19,6 @@ VOCAB_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/voc
 ENCODER_URL = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json"
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("GPT2JAX_DATA_DIR", REPO.parent / "shared" / "data"))
 SHAKESPEARE = DATA_DIR / "tinyshakespeare.txt"
 # Measured: tokenizer.encode() of the full file gives 338,025 ids (1,115,394 characters).
 SHAKESPEARE_N_TOKENS = 338_025
