@@ -37,6 +37,7 @@ from eval.common import (
 )
 from eval.verdicts import fmt_seeds, mean_sd, per_seed
 from gpt2jax import checkpoint, lora
+from gpt2jax import data as corpus
 from train import TrainConfig
 from train import config as train_config
 from train import data as data_lib
@@ -75,7 +76,7 @@ QUICK = Plan(base_steps=6, base_warmup=1,
 
 def split_text(out: Path) -> tuple[Path, Path]:
     """(base text, fine-tune text): the first 80% and the last 20% of Tiny Shakespeare."""
-    text = data_lib.shakespeare_path().read_text()
+    text = corpus.shakespeare_path().read_text()
     cut = text.rfind("\n\n", 0, int(len(text) * BASE_SHARE))  # at a speech boundary
     out.mkdir(parents=True, exist_ok=True)
     (out / "base.txt").write_text(text[:cut])

@@ -70,7 +70,7 @@ def calibration_tokens(path: str | None, n: int = CALIBRATION_TOKENS) -> np.ndar
     from gpt2jax import tokenizer
 
     if path is None:
-        from train.data import shakespeare_path
+        from gpt2jax.data import shakespeare_path
 
         path = shakespeare_path()
     ids = tokenizer.encode(Path(path).read_text(encoding="utf-8")[: 16 * n])[:n]

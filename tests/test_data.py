@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from trainutil import SHAKESPEARE
 
+from gpt2jax import data as corpus
 from gpt2jax import tokenizer
 from train import data as data_lib
 from train.__main__ import main as train_main
@@ -36,7 +37,7 @@ def test_prepare_shakespeare_from_data_dir(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("GPT2JAX_DATA_DIR", str(SHAKESPEARE.parent))
     assert prepare_main(["--data", "shakespeare", "--out", str(tmp_path / "out")]) == 0
     meta = json.loads((tmp_path / "out" / "meta.json").read_text())
-    assert meta["source_sha256"] == data_lib.SHAKESPEARE_SHA256
+    assert meta["source_sha256"] == corpus.SHAKESPEARE_SHA256
     assert meta["tokenizer"] == "gpt2" and meta["dtype"] == "uint16"
     assert meta["train_tokens"] + meta["val_tokens"] == SHAKESPEARE_TOKENS
     assert meta["val_tokens"] == SHAKESPEARE_TOKENS // 10
@@ -70,19 +71,19 @@ def test_shakespeare_lookup_order_and_download_without_network(tmp_path, monkeyp
         urls.append(url)
         raise urllib.error.URLError("no network in tests")
 
-    monkeypatch.setattr(data_lib.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", offline)
     with pytest.raises(data_lib.DataError, match=r"--data /path/to/tinyshakespeare.txt"):
         data_lib.resolve_sources("shakespeare")
-    assert urls == [data_lib.SHAKESPEARE_URL]
+    assert urls == [corpus.SHAKESPEARE_URL]
     assert not (tmp_path / "cache" / "gpt2jax" / "tinyshakespeare.txt").exists()
 
     # A reachable server: the download is checked and lands in the user cache...
-    monkeypatch.setattr(data_lib.urllib.request, "urlopen",
+    monkeypatch.setattr(corpus.urllib.request, "urlopen",
                         lambda url, timeout: io.BytesIO(SHAKESPEARE.read_bytes()))
     cached = tmp_path / "cache" / "gpt2jax" / "tinyshakespeare.txt"
     assert data_lib.resolve_sources("shakespeare") == [cached]
     # ...and is found there next time, before any download.
-    monkeypatch.setattr(data_lib.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(corpus.urllib.request, "urlopen", offline)
     assert data_lib.resolve_sources("shakespeare") == [cached]
     # $GPT2JAX_DATA_DIR comes first.
     monkeypatch.setenv("GPT2JAX_DATA_DIR", str(SHAKESPEARE.parent))
@@ -90,10 +91,10 @@ def test_shakespeare_lookup_order_and_download_without_network(tmp_path, monkeyp
 
 
 def test_download_with_wrong_hash_is_refused(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_lib.urllib.request, "urlopen",
+    monkeypatch.setattr(corpus.urllib.request, "urlopen",
                         lambda url, timeout: io.BytesIO(b"not shakespeare"))
     with pytest.raises(data_lib.DataError, match="sha256"):
-        data_lib.download("https://example.invalid/x", tmp_path / "x.txt", "0" * 64)
+        corpus.download("https://example.invalid/x", tmp_path / "x.txt", "0" * 64)
     assert list(tmp_path.iterdir()) == []  # no temporary file left behind
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gpt2jax import data as corpus
 from train import data
 
 
@@ -16,7 +17,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--data", required=True, help=(
         f"a UTF-8 .txt file, a folder of them, or a dataset name ({', '.join(data.DATASETS)}; "
-        f"looked up in $GPT2JAX_DATA_DIR, then {data.cache_dir()}, then downloaded)"))
+        f"looked up in $GPT2JAX_DATA_DIR, then {corpus.cache_dir()}, then downloaded)"))
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--block-size", type=int, default=128,
                         help="each split must hold at least block_size + 1 tokens")
