@@ -29,7 +29,7 @@ and loaded by GPT2LMHeadModel), same threads (the cores this process may use), g
 
 --quick runs 2 layers of the `baby` preset at 128 dims with a 512-token vocabulary, length 32,
 batch 1 only, 1 call per cell: a smoke run.
---readme writes the README's decode table from the JSON (`<!-- bench_decode:` markers).
+--readme writes docs/results.md's decode table from the JSON (`<!-- bench_decode:` markers).
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from gpt2jax import checkpoint, hf
 from gpt2jax.config import PRESETS, GPTConfig
 from gpt2jax.generate import generate
 from gpt2jax.kvcache import init_cache, make_cache
-from gpt2jax.model import init_params, unstack_layers
+from gpt2jax.model import init_params
 from gpt2jax.quant import int8
 from gpt2jax.quant.turboquant import TurboQuantConfig
 
@@ -104,8 +104,7 @@ class Ours:
     compiles = True
 
     def __init__(self, config: GPTConfig, params, name: str = "gpt2jax", kv_cache=None):
-        # unstacked once: generate would copy the layers out of the stack at every call
-        self.config, self.params = config, unstack_layers(params)
+        self.config, self.params = config, params
         self.name, self.kv_cache = name, kv_cache
 
     def __call__(self, prompts: np.ndarray, new: int, cache: bool) -> np.ndarray:
@@ -452,7 +451,7 @@ def format_table(r: dict) -> str:
 
 
 def readme_table(r: dict) -> str:
-    """The README's decode table, every figure from this JSON."""
+    """docs/results.md's decode table, every figure from this JSON."""
     L = r["kv_bytes_longest_length"]
     rows = [
         ("batch-1 decode, cache", f"{r['gpt2jax_cache_tok_s']:.1f} tok/s "
@@ -527,15 +526,18 @@ def main(argv=None) -> int:
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help=f"sweep lengths (default {' '.join(map(str, LENGTHS))})")
     parser.add_argument("--readme", action="store_true",
-                        help="write the README's decode table from the JSON (no benchmark run)")
+                        help="write docs/results.md's decode table from the JSON "
+                        "(no benchmark run)")
     args = parser.parse_args(argv)
     preset = args.preset or ("baby" if args.quick else "gpt2")
     json_path = args.json or RESULTS / f"bench_decode{'_quick' if args.quick else ''}.json"
     png_path = args.png or json_path.with_suffix(".png")
 
     if args.readme:
-        common.write_readme_block("bench_decode", readme_table(json.loads(json_path.read_text())))
-        print(f"wrote the README's decode table from {json_path}")
+        common.write_readme_block("bench_decode", readme_table(json.loads(json_path.read_text())),
+                                  common.RESULTS_DOC)
+        print(f"wrote {common.RESULTS_DOC.relative_to(common.ROOT)}'s decode table "
+              f"from {json_path}")
         return 0
     results = run(preset, args.quick, args.ckpt, args.lengths)
     print(format_table(results))

@@ -182,6 +182,8 @@ def perplexity(nll: float) -> float:
 
 
 README = ROOT / "README.md"
+# the generated results page: the decode, training and int8 quality tables
+RESULTS_DOC = ROOT / "docs" / "results.md"
 
 
 def write_readme_block(name: str, text: str, readme: Path = README) -> None:

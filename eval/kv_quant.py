@@ -45,7 +45,7 @@ from gpt2jax import checkpoint, positions
 from gpt2jax.config import GPTConfig
 from gpt2jax.generate import generate
 from gpt2jax.kvcache import heads_to_rows, make_cache, rows_to_heads
-from gpt2jax.model import Block, Norm, apply, token_embedding_scale, unstack_layers
+from gpt2jax.model import Block, Norm, apply, token_embedding_scale
 from gpt2jax.quant.turboquant import TurboQuantConfig, bits_per_value, quarter_split
 from train import TrainConfig
 from train import data as data_lib
@@ -120,7 +120,8 @@ def queries_and_keys(params, config: GPTConfig, tokens_BT):
         x = x * token_embedding_scale(config) + positions.sinusoidal(pos_BT, D).astype(
             config.dtype)
     out = []
-    for i, layer in enumerate(unstack_layers(params)["h"]):
+    for i in range(config.n_layer):
+        layer = params["h"][str(i)]
         h = Norm(config).apply({"params": layer["ln_1"]}, x) if config.norm_placement == "pre" \
             else x
         c_attn = layer["attn"]["c_attn"]
@@ -130,7 +131,7 @@ def queries_and_keys(params, config: GPTConfig, tokens_BT):
             q = positions.apply_rope(q, pos_BT, config.rope_base)
             k = positions.apply_rope(k, pos_BT, config.rope_base)
         out.append((heads_to_rows(q), heads_to_rows(k)))
-        (x, _), _ = Block(config).apply({"params": layer}, (x, None), i, pos_BT)
+        x, _ = Block(config).apply({"params": layer}, x, pos_BT, i, None)
     return out
 
 

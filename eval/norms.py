@@ -65,10 +65,10 @@ def init_grad_norms(depth: int, n_embd: int, tokens: np.ndarray, block: int) -> 
 
 
 def block_grad_norms(grads) -> list[float]:
-    """[‖∇ block l‖ for l in 0..L-1]: the blocks' params are stacked on axis 0 under 'h'."""
-    squares = sum(np.sum(np.asarray(g, np.float64) ** 2, axis=tuple(range(1, g.ndim)))
-                  for g in jax.tree.leaves(grads["h"]))
-    return np.sqrt(squares).tolist()
+    """[‖∇ block l‖ for l in 0..L-1]: block l's params are the subtree 'h/l'."""
+    square = lambda tree: sum(float(np.sum(np.asarray(g, np.float64) ** 2))
+                              for g in jax.tree.leaves(tree))
+    return [float(np.sqrt(square(grads["h"][str(i)]))) for i in range(len(grads["h"]))]
 
 
 def last_over_rest(norms: list[float]) -> float:

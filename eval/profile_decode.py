@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 from eval import common  # noqa: E402
 from eval.profile_step import hlo_instructions, op_times  # noqa: E402
 from gpt2jax.config import PRESETS, GPTConfig  # noqa: E402
-from gpt2jax.model import init_params, unstack_layers  # noqa: E402
+from gpt2jax.model import init_params  # noqa: E402
 from gpt2jax.quant import int8  # noqa: E402
 
 gen = importlib.import_module("gpt2jax.generate")  # gpt2jax.generate is also the function
@@ -95,8 +95,7 @@ def main(argv=None) -> int:
     result = {"preset": args.preset, "machine": common.machine(), "jax": jax.__version__,
               "prompt": PROMPT, "new_tokens": NEW, "profiles": {}}
     for name, kwargs in FORMATS.items():
-        params = unstack_layers(float_params if kwargs is None
-                                else int8.quantize(float_params, **kwargs))
+        params = float_params if kwargs is None else int8.quantize(float_params, **kwargs)
         for B in args.batches:
             row = profile(config, params, B)
             result["profiles"][f"{name}_b{B}"] = row

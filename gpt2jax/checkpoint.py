@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 import warnings
@@ -40,7 +41,8 @@ import orbax.checkpoint as ocp
 
 from gpt2jax.config import GPTConfig
 
-FORMAT = 1
+FORMAT = 2  # 1: the blocks stacked on a leading axis under `h`, read and converted
+_LAYER_PATH = re.compile(r"(.*/)?h/(\d+)/(.*)")
 _MAX_LISTED = 8
 _WHERE = "pass the --out folder of a gpt2jax training run, or its checkpoints/ folder"
 
@@ -100,6 +102,30 @@ def check_config(saved: dict, config: GPTConfig, where: str) -> None:
         f"{where} was written for another model config: {', '.join(diffs)}. Resume with the "
         f"checkpoint's settings, or write to a new --out folder"
     )
+
+
+def _from_stacked(stacked_tree, expected):
+    """A format-1 tree (blocks stacked under `h`, `h/attn/...` [L, ...]) in the structure of
+    `expected` (`h/i/attn/...`), each leaf put where `expected`'s ShapeDtypeStruct says."""
+    stacked = {_path_str(p): leaf
+               for p, leaf in jax.tree_util.tree_flatten_with_path(stacked_tree)[0]}
+    wanted, treedef = jax.tree_util.tree_flatten_with_path(expected)
+    leaves, missing = [], []
+    for path, want in wanted:
+        key = _path_str(path)
+        layer = _LAYER_PATH.fullmatch(key)
+        old_key = f"{layer[1] or ''}h/{layer[3]}" if layer else key
+        if old_key not in stacked:
+            missing.append(old_key)
+            continue
+        leaf = np.asarray(stacked[old_key])
+        leaf = leaf[int(layer[2])] if layer and leaf.ndim == len(want.shape) + 1 else leaf
+        leaves.append(jax.device_put(leaf, getattr(want, "sharding", None)))
+    if missing:
+        raise CheckpointMismatchError(
+            f"a format-1 checkpoint lacks {', '.join(missing[:_MAX_LISTED])}: it was written "
+            f"for another model or train state")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def _abstract_on(tree, sharding):
@@ -172,8 +198,15 @@ class Checkpointer:
             check_config(meta["config"], config, f"checkpoint {self.directory}/{step}")
             params_abs = abstract_state["params"]
             rest_abs = {k: v for k, v in abstract_state.items() if k != "params"}
-            on_disk = self._manager.item_metadata(step)
             where = f"checkpoint {self.directory}/{step}"
+            if meta.get("format", 1) == 1:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()))
+                state = _from_stacked({"params": restored["params"], **restored["train"]},
+                                      abstract_state)
+                check_tree(state, abstract_state, f"restored {where}")
+                return state, meta
+            on_disk = self._manager.item_metadata(step)
             check_tree(on_disk["params"].tree, params_abs, f"{where} params")
             check_tree(on_disk["train"].tree, rest_abs, f"{where} train state")
             restored = self._manager.restore(
@@ -207,7 +240,8 @@ class Checkpointer:
             if "int8" in meta:  # written by `python -m gpt2jax.quantize`
                 options = int8.options(meta["int8"])
                 expected = jax.eval_shape(lambda p: int8.quantize(p, **options), expected)
-            return config, self._restore_params_item(step, expected, "params")
+            return config, self._restore_params_item(step, expected, "params",
+                                                     stacked=meta.get("format", 1) == 1)
 
         found = self._newest_readable(read, quarantine=False)
         if found is None:
@@ -236,17 +270,23 @@ class Checkpointer:
 
         lora_config = lora.LoRAConfig.from_dict(meta["lora"]["config"])
         expected = jax.eval_shape(lambda: lora.init(lora_config, config, jax.random.PRNGKey(0)))
-        tree = self._restore_params_item(step, expected.tree, "adapters")
+        tree = self._restore_params_item(step, expected.tree, "adapters")  # stacked in both formats
         return lora.Adapters(tree=tree, config=lora_config, base=config)
 
-    def _restore_params_item(self, step: int, expected_tree, what: str):
+    def _restore_params_item(self, step: int, expected_tree, what: str, stacked: bool = False):
         """The 'params' item of `step` onto the default device, checked leaf by leaf against
-        `expected_tree` (shapes) before and after reading."""
+        `expected_tree` (shapes) before and after reading; `stacked`: a format-1 item."""
         # this process's first device: every process of a multi-process run reads the whole
         # item (--init-from), and jax.devices()[0] belongs to process 0
         device = jax.local_devices()[0]
         expected = _abstract_on(expected_tree, jax.sharding.SingleDeviceSharding(device))
         where = f"checkpoint {self.directory}/{step} {what}"
+        if stacked:
+            restored = self._manager.restore(
+                step, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+            restored = _from_stacked(restored, expected)
+            check_tree(restored, expected, where)
+            return restored
         check_tree(self._manager.item_metadata(step)["params"].tree, expected, where)
         restored = self._manager.restore(
             step, args=ocp.args.Composite(params=ocp.args.StandardRestore(expected))
@@ -362,9 +402,15 @@ def source_reference(source: str) -> str:
 
 
 def fingerprint(params) -> str:
-    """sha256 over every leaf's path, shape, dtype and bytes: the identity of a base model."""
+    """sha256 over every leaf's path, shape, dtype and bytes: the identity of a base model.
+
+    Taken over the blocks stacked on a leading axis (`h/attn/...` [L, ...], the layout of
+    format 1), so a base keeps its identity across the layout change."""
     digest = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    layers = [params["h"][str(i)] for i in range(len(params["h"]))]
+    stacked = {**params, "h": jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
+                                           *layers)}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(stacked)[0]:
         array = np.asarray(leaf)
         digest.update(f"{_path_str(path)}:{array.shape}:{array.dtype};".encode())
         digest.update(np.ascontiguousarray(array).tobytes())

@@ -30,7 +30,7 @@ import numpy as np
 
 from gpt2jax.config import GPTConfig
 from gpt2jax.kvcache import check_cache_kind, make_cache
-from gpt2jax.model import apply, unstack_layers
+from gpt2jax.model import apply
 
 MIN_BUCKET = 16
 
@@ -205,10 +205,6 @@ def generate(params, config: GPTConfig, prompts, *, max_new_tokens: int, key,
     it keeps emitting it. `use_cache=False` is the reference path: the full forward over a
     fixed-size token buffer at every step, giving the same tokens more slowly. `kv_cache`:
     what the cache stores (module docstring), e.g. `TurboQuantConfig(bits=3)`.
-
-    params may be stacked (as `init_params`, `hf.load` and `checkpoint.load` give them) or
-    `model.unstack_layers(params)`: each call unstacks them first, a copy of the layer
-    weights that callers generating many times can do once instead.
     """
     tokens_BP, lengths_B, sampling, static, cache = _setup(
         prompts, config, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, kv_cache)
@@ -233,7 +229,6 @@ def generate_stream(params, config: GPTConfig, prompts, *, max_new_tokens: int, 
         raise ValueError(f"chunk_size={chunk_size!r} must be a positive integer")
     tokens_BP, lengths_B, sampling, static, cache = _setup(
         prompts, config, max_new_tokens, temperature, top_k, top_p, eos_id, use_cache, kv_cache)
-    params = unstack_layers(params)  # once for all chunks, not once per call
 
     def chunks():
         carry = _prefill_jit(params, tokens_BP, lengths_B, key, sampling, **static, **cache)
@@ -307,7 +302,6 @@ _decode_jit = jax.jit(_decode, static_argnames=(*_STATIC, "steps"), donate_argnu
 @functools.partial(jax.jit, static_argnames=(*_STATIC, "max_len", "kv_cache", "max_new_tokens"))
 def _generate(params, tokens_BP, lengths_B, key, sampling, *, config, max_new_tokens, max_len,
               top_k, nucleus, use_cache, kv_cache):
-    params = unstack_layers(params)  # once, outside the loop: no per-step weight copies
     carry = _prefill(params, tokens_BP, lengths_B, key, sampling, config=config,
                      max_len=max_len, top_k=top_k, nucleus=nucleus, use_cache=use_cache,
                      kv_cache=kv_cache)

@@ -150,12 +150,12 @@ def params_from_state_dict(config: GPTConfig, tensors: dict[str, np.ndarray]) ->
         return np.asarray(named[name], dtype=dtype)
 
     layers: dict = {}
-    for path, hf_name in _LAYER_TENSORS:
-        stacked = np.stack([get(f"h.{i}.{hf_name}") for i in range(config.n_layer)])
-        node = layers
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = stacked
+    for i in range(config.n_layer):
+        for path, hf_name in _LAYER_TENSORS:
+            node = layers.setdefault(str(i), {})
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = get(f"h.{i}.{hf_name}")
     params = {
         "wte": {"embedding": get("wte.weight")},
         "wpe": {"embedding": get("wpe.weight")},
@@ -184,13 +184,12 @@ def params_to_state_dict(config: GPTConfig, params) -> dict[str, np.ndarray]:
         "transformer.ln_f.weight": arr(params["ln_f"]["scale"]),
         "transformer.ln_f.bias": arr(params["ln_f"]["bias"]),
     }
-    for path, hf_name in _LAYER_TENSORS:
-        node = params["h"]
-        for key in path:
-            node = node[key]
-        stacked = arr(node)
-        for i in range(config.n_layer):
-            out[f"transformer.h.{i}.{hf_name}"] = np.ascontiguousarray(stacked[i])
+    for i in range(config.n_layer):
+        for path, hf_name in _LAYER_TENSORS:
+            node = params["h"][str(i)]
+            for key in path:
+                node = node[key]
+            out[f"transformer.h.{i}.{hf_name}"] = arr(node)
     if not config.tie_embeddings:
         out["lm_head.weight"] = np.ascontiguousarray(arr(params["lm_head"]).T)
     return out

@@ -5,8 +5,10 @@ s = alpha / r (LoRA) or alpha / sqrt(r) (rsLoRA). A starts uniform in ±1/sqrt(i
 peft / loralib: a rank-independent distribution, which rsLoRA's argument needs), B at zero,
 so the adapted model starts equal to the base.
 
-The adapter tree mirrors the param paths, stacked over layers like the base:
-`h/attn/c_attn/{a [L, D, r], b [L, r, 3D]}`; the q/v-only target of the LoRA paper holds two
+The adapter tree mirrors the param paths with the layers stacked on a leading axis (the
+adapters are small, and merging or exporting them is one einsum over the layers):
+`h/attn/c_attn/{a [L, D, r], b [L, r, 3D]}`; the model reads it per layer, `h/i/attn/...`
+(`Adapters.layer_tree`), as it reads its params. The q/v-only target of the LoRA paper holds two
 adapters on the fused qkv kernel, `h/attn/c_attn/{q_a, q_b, v_a, v_b}`, writing only the q
 and v thirds of its output.
 """
@@ -91,10 +93,11 @@ class Adapters:
     config: LoRAConfig = struct.field(pytree_node=False)
     base: GPTConfig = struct.field(pytree_node=False)
 
-    def scaled_tree(self, training: bool = False) -> dict:
-        """The tree with every B multiplied by the scale: what the model adds, `(x A) (s B)`.
-        In training with dropout each adapted module also gets `keep` [L] = 1 - dropout, the
-        chance that `add_adapter_outputs` keeps an entry of the module's input.
+    def layer_tree(self, training: bool = False) -> dict:
+        """What the model's 'lora' collection holds: the tree per layer (`h/i/attn/...`, as
+        the params), every B multiplied by the scale, `(x A) (s B)`. In training with dropout
+        each adapted module also gets `keep` = 1 - dropout, the chance that
+        `add_adapter_outputs` keeps an entry of the module's input.
 
         Scaling B inside the jitted function gives B the gradient of `s (x A) B` exactly."""
         s = self.config.scale
@@ -105,7 +108,8 @@ class Adapters:
             for target in self.config.targets:
                 node = _node(tree, TARGETS[target][0])
                 node["keep"] = jnp.full((self.base.n_layer,), 1.0 - self.config.dropout)
-        return tree
+        layer = lambda i: jax.tree.map(lambda x: x[i], tree["h"])
+        return {**tree, "h": {str(i): layer(i) for i in range(self.base.n_layer)}}
 
 
 def _node(tree: dict, module: tuple[str, ...], create: bool = False) -> dict:
@@ -173,7 +177,7 @@ def count(adapters: Adapters, params=None) -> dict[str, float]:
 def add_adapter_outputs(module, x, y):
     """y + x A (sB) for each adapter slot `module` (a Linear) holds in the 'lora' collection.
 
-    With a `keep` probability there (training with adapter dropout, `scaled_tree`), x loses
+    With a `keep` probability there (training with adapter dropout, `layer_tree`), x loses
     entries first, rescaled by 1/keep: peft's `lora_B(lora_A(dropout(x)))`, one mask per
     module shared by its slots; y, the frozen path, has already seen the whole x."""
     if module.has_variable("lora", "keep"):
@@ -239,22 +243,18 @@ def _add_to_kernel(kernel, cols: slice, delta, requantize: bool | None, where: s
 
 def _apply_deltas(params, adapters: Adapters, sign: float, requantize: bool | None):
     out = jax.tree_util.tree_map(lambda x: x, params)  # new dict nodes, shared leaves
-    unstacked = isinstance(out["h"], tuple)  # model.unstack_layers: one tree per layer
     for module, cols, delta in _kernel_deltas(adapters):
-        layers = list(enumerate(out["h"])) if unstacked else [(None, out["h"])]
-        for i, layer in layers:
-            node = _node(layer, module[1:])
-            where = "/".join(module if i is None else ("h", str(i), *module[1:]))
-            node["kernel"] = _add_to_kernel(node["kernel"], cols,
-                                            sign * (delta if i is None else delta[i]),
-                                            requantize, where)
+        for i in range(adapters.base.n_layer):
+            node = _node(out["h"][str(i)], module[1:])
+            node["kernel"] = _add_to_kernel(node["kernel"], cols, sign * delta[i], requantize,
+                                            "/".join(("h", str(i), *module[1:])))
     return out
 
 
 def merge(params, adapters: Adapters, *, requantize: bool | None = None):
     """Base params with K' = K + s A B folded in: the adapted model at no extra cost.
 
-    params stacked or `model.unstack_layers`-ed (the result keeps the form). An int8 base
+    An int8 base
     (`quant.int8.quantize`) is dequantized, summed, then rounded to int8 again
     (`requantize=True`) or kept float32 (`requantize=False`); it must be said, since the
     first changes the model by up to half an int8 step per weight and the second quadruples

@@ -1,11 +1,11 @@
 """GPT-2 as Flax Linen modules used as pure functions.
 
-Param tree (paths mirror GPT-2's names; the blocks are stacked on a leading layer axis so
-one `nn.scan` runs them and compile time does not grow with depth):
+Param tree (paths are Hugging Face GPT-2's names, layer i under `h/i`, as `h.i.` there):
 
     wte/embedding [V, D]             wpe/embedding [block_size, D]   (learned positions only)
-    h/ln_1/{scale,bias} [L, D]       h/attn/c_attn/{kernel [L, D, 3D], bias [L, 3D]}
-    h/attn/c_proj/...                h/ln_2/...      h/mlp/c_fc/...      h/mlp/c_proj/...
+    h/0/ln_1/{scale,bias} [D]        h/0/attn/c_attn/{kernel [D, 3D], bias [3D]}
+    h/0/attn/c_proj/...              h/0/ln_2/...    h/0/mlp/c_fc/...    h/0/mlp/c_proj/...
+    h/1/...  ...  h/{L-1}/...
     ln_f/{scale,bias} [D]            (pre-LN only)   lm_head [D, V]  (untied only)
 
 Kernels are (in, out), the layout of Hugging Face's Conv1D: loading GPT-2 is a rename.
@@ -213,14 +213,13 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """One transformer layer; `__call__` has scan's signature (carry, per-layer input)."""
+    """One transformer layer: (x, cache) -> (x, cache); `layer` indexes the cache's buffers."""
 
     config: GPTConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, carry, layer, positions_BT):
-        x, cache = carry
+    def __call__(self, x, positions_BT, layer: int, cache):
         c = self.config
         attn = Attention(c, self.deterministic, name="attn")
         mlp = MLP(c, self.deterministic, name="mlp")
@@ -234,7 +233,25 @@ class Block(nn.Module):
             h, cache = attn(x, positions_BT, layer, cache)
             x = ln_1(alpha * x + h)
             x = ln_2(alpha * x + mlp(x))
-        return (x, cache), None
+        return x, cache
+
+
+class Layers(nn.Module):
+    """The blocks, as Hugging Face names them: layer i is the submodule `h/i`.
+
+    The one layer path of every mode (training, eval, prefill, decode): a Python loop over
+    per-layer submodules, so every collection (params, lora, calibration, perturbations) and
+    every dropout key reach a layer the same way (docs/design.md#1-one-param-form-per-layer)."""
+
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions_BT, cache):
+        for i in range(self.config.n_layer):
+            x, cache = Block(self.config, self.deterministic, name=str(i))(
+                x, positions_BT, i, cache)
+        return x, cache
 
 
 class GPT(nn.Module):
@@ -264,31 +281,7 @@ class GPT(nn.Module):
         x = self.perturb("embeddings", x)
         x = nn.Dropout(c.dropout, deterministic=self.deterministic)(x)
 
-        layers = None if self.is_initializing() else self.variables["params"]["h"]
-        if layers is not None and (cache is not None or isinstance(layers, tuple)):
-            # One layer at a time (a Python loop): the cache holds one buffer per layer, and
-            # `unstack_layers` params spare a decode loop the per-step weight copies.
-            layers = unstack_layers({"h": layers})["h"]
-            adapters = self.variables.get("lora", {}).get("h")
-            adapter_layers = unstack_layers({"h": adapters})["h"] if adapters else None
-            rngs = {} if self.deterministic else {"dropout": self.make_rng("dropout")}
-            for i, layer_params in enumerate(layers):
-                layer_vars = {"params": layer_params}
-                if adapter_layers is not None:
-                    layer_vars["lora"] = adapter_layers[i]
-                (x, cache), _ = Block(c, self.deterministic, parent=None).apply(
-                    layer_vars, (x, cache), i, positions_BT,
-                    rngs={k: jax.random.fold_in(r, i) for k, r in rngs.items()},
-                )
-        else:
-            blocks = nn.scan(
-                Block,
-                variable_axes={"params": 0, "lora": 0, "calibration": 0},
-                split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast),
-                length=c.n_layer,
-            )(c, self.deterministic, name="h")
-            (x, cache), _ = blocks((x, cache), jnp.arange(c.n_layer), positions_BT)
+        x, cache = Layers(c, self.deterministic, name="h")(x, positions_BT, cache)
 
         if logits_at_BK is not None:  # decoding needs one position per row, not all T x V
             x = jnp.take_along_axis(x, logits_at_BK[:, :, None], axis=1)
@@ -394,41 +387,27 @@ def apply(params, tokens, config: GPTConfig, *, positions=None, cache=None,
     rngs = {"dropout": rng} if rng is not None else {}
     variables = {"params": params, **(variables or {})}
     if lora is not None:
-        variables["lora"] = lora.scaled_tree(training=not deterministic)
+        variables["lora"] = lora.layer_tree(training=not deterministic)
     return GPT(config, deterministic, hidden_only).apply(
         variables, tokens, positions, cache, logits_at, rngs=rngs
     )
-
-
-def unstack_layers(params) -> dict:
-    """params with `h` as a tuple of per-layer trees instead of arrays stacked on axis 0.
-
-    `apply` accepts either form and gives the same logits. Inside a decode loop the stacked
-    form makes XLA copy every layer's weights out of the stack at every step (a slice is a
-    copy on CPU: 3.6x slower matvecs, measured); unstacking once before the loop avoids it.
-    Params already unstacked are returned as they are."""
-    if isinstance(params["h"], tuple):
-        return params
-    n_layer = jax.tree_util.tree_leaves(params["h"])[0].shape[0]
-    layers = tuple(jax.tree_util.tree_map(lambda a, i=i: a[i], params["h"]) for i in range(n_layer))
-    return {**params, "h": layers}
 
 
 def param_breakdown(config: GPTConfig) -> dict[str, int]:
     """Parameter counts by role, from the shapes alone (nothing is allocated)."""
     shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-    h = shapes["h"]
+    layers = list(shapes["h"].values())
+    of_layers = lambda *names: sum(size(layer[n]) for layer in layers for n in names)
     counts = {
         "token_embedding": size(shapes["wte"]),
         "position_embedding": size(shapes.get("wpe", {})),
-        "attention": size(h["attn"]),
-        "mlp": size(h["mlp"]),
-        "norms": size(h["ln_1"]) + size(h["ln_2"]) + size(shapes.get("ln_f", {})),
+        "attention": of_layers("attn"),
+        "mlp": of_layers("mlp"),
+        "norms": of_layers("ln_1", "ln_2") + size(shapes.get("ln_f", {})),
         "lm_head": size(shapes.get("lm_head", {})),
     }
-    counts["per_block"] = (counts["attention"] + counts["mlp"] + size(h["ln_1"])
-                           + size(h["ln_2"])) // config.n_layer
+    counts["per_block"] = size(shapes["h"]) // config.n_layer
     counts["total"] = size(shapes)
     embeddings = counts["token_embedding"] + counts["position_embedding"] + counts["lm_head"]
     counts["embedding_share_pct"] = 100.0 * embeddings / counts["total"]

@@ -40,9 +40,9 @@ def calibrate(params, config: GPTConfig, tokens_BT) -> dict:
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
     check_tokens(tokens_BT, config)  # a token past the vocabulary would calibrate garbage
     absmax = _calibrate(params, tokens_BT, config)
-    h = absmax["calibration"]["h"]
-    return {"c_attn": h["attn"]["c_attn"]["input_absmax"],
-            "c_fc": h["mlp"]["c_fc"]["input_absmax"]}
+    layers = [absmax["calibration"]["h"][str(i)] for i in range(config.n_layer)]
+    return {"c_attn": jnp.stack([h["attn"]["c_attn"]["input_absmax"] for h in layers]),
+            "c_fc": jnp.stack([h["mlp"]["c_fc"]["input_absmax"] for h in layers])}
 
 
 @functools.partial(jax.jit, static_argnums=2)

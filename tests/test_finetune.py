@@ -95,8 +95,8 @@ def test_finetune_checkpoints_adapters_and_a_reference_to_the_base(finetuned, ba
     config, merged = ckpt_lib.load(result.out)
     assert config == result.config.model
     assert _leaves_equal(merged, lora.merge(base, adapters))
-    assert not np.array_equal(merged["h"]["attn"]["c_attn"]["kernel"],
-                              base["h"]["attn"]["c_attn"]["kernel"])
+    assert not np.array_equal(merged["h"]["0"]["attn"]["c_attn"]["kernel"],
+                              base["h"]["0"]["attn"]["c_attn"]["kernel"])
     summary = (result.out / "summary.json").read_text()
     assert f'"trainable_params": {lora.count(adapters)["trainable"]}' in summary
 

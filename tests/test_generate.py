@@ -197,14 +197,17 @@ def test_stream_ends_once_every_row_emitted_eos(tiny):
     config, params = tiny
     kwargs = dict(key=jax.random.key(4), temperature=0.0)
     free = np.asarray(generate(params, config, PROMPTS, max_new_tokens=19, **kwargs))
-    eos = int(free[0, 3])  # row 0 emits it fourth (a row alone decodes as in the batch)
-    assert eos not in free[0, :3]
+    # eos: the first token row 0 emits that it had not emitted before (a row alone decodes
+    # as in the batch)
+    eos_at = next(t for t in range(1, 19) if free[0, t] not in free[0, :t])
+    eos = int(free[0, eos_at])
     streamed = np.concatenate(list(generate_stream(params, config, PROMPTS[:1], eos_id=eos,
                                                    max_new_tokens=19, chunk_size=5, **kwargs)),
                               axis=1)
-    assert streamed.shape == (1, 6)  # the first token, then the chunk of 5 it ended in
-    np.testing.assert_array_equal(streamed[0, :4], free[0, :4])
-    assert (streamed[0, 3:] == eos).all()
+    # the first token, then chunks of 5 up to the one eos came in
+    assert streamed.shape == (1, 1 + 5 * -(-eos_at // 5))
+    np.testing.assert_array_equal(streamed[0, :eos_at + 1], free[0, :eos_at + 1])
+    assert (streamed[0, eos_at:] == eos).all()
     with pytest.raises(ValueError, match="chunk_size=0 must be a positive integer"):
         generate_stream(params, config, PROMPTS, max_new_tokens=4, key=jax.random.key(0),
                         chunk_size=0)

@@ -42,11 +42,11 @@ def test_error_within_half_a_step_and_skipped_leaves_untouched(small_params, gra
             err = jnp.abs(leaf - qleaf.dequantize())
             assert bool(jnp.all(err <= qleaf.scale / 2 + 1e-7))
             expected_scales = leaf.shape[-1] if granularity == "channel" else 1
-            assert qleaf.scale.size == SMALL.n_layer * expected_scales
+            assert qleaf.scale.size == expected_scales  # one layer's kernel
         else:
             assert leaf is qleaf or np.array_equal(leaf, qleaf)  # bitwise identical
             assert not _is_q(qleaf)
-    assert n_quantized == 4  # c_attn, attn.c_proj, c_fc, mlp.c_proj (stacked over layers)
+    assert n_quantized == 4 * SMALL.n_layer  # c_attn, attn.c_proj, c_fc, mlp.c_proj per layer
 
 
 def test_per_channel_beats_per_tensor_on_gpt2_like_kernels():
@@ -85,11 +85,12 @@ def test_quantized_124m_forward_close_under_jit():
 
 def test_norm_ablation_quantizes_norm_leaves(small_params):
     q = int8.quantize(small_params, skip=int8.skip_embeddings_and_biases)
-    assert _is_q(q["h"]["ln_1"]["scale"]) and _is_q(q["ln_f"]["bias"])
-    assert not _is_q(q["wte"]["embedding"]) and not _is_q(q["h"]["mlp"]["c_fc"]["bias"])
+    assert _is_q(q["h"]["0"]["ln_1"]["scale"]) and _is_q(q["ln_f"]["bias"])
+    assert not _is_q(q["wte"]["embedding"]) and not _is_q(q["h"]["0"]["mlp"]["c_fc"]["bias"])
     # a trained-looking norm scale: the ablation's forward runs and differs from float
     trained = jax.tree_util.tree_map(lambda x: x, small_params)
-    trained["h"]["ln_1"]["scale"] = 1 + 0.3 * jax.random.normal(jax.random.key(5), (2, 64))
+    for i, layer in trained["h"].items():
+        layer["ln_1"]["scale"] = 1 + 0.3 * jax.random.normal(jax.random.key(int(i)), (64,))
     tokens = jnp.arange(16)[None]
     ref, _ = gpt2jax.forward(trained, tokens, SMALL)
     out, _ = gpt2jax.forward(int8.quantize(trained, skip=int8.skip_embeddings_and_biases),
@@ -107,7 +108,7 @@ def test_dequantize_round_trip(small_params):
 
 def test_bad_input(small_params):
     q = int8.quantize(small_params)
-    with pytest.raises(ValueError, match="h/attn/c_attn/kernel is already quantized"):
+    with pytest.raises(ValueError, match="h/0/attn/c_attn/kernel is already quantized"):
         int8.quantize(q)
     with_lora = {**small_params, "lora_a": jnp.zeros((4, 4))}
     with pytest.raises(ValueError, match="lora_a is a LoRA adapter: merge"):
@@ -116,7 +117,7 @@ def test_bad_input(small_params):
         int8.quantize(small_params, granularity="row")
     with pytest.raises(ValueError, match=r"mode='int4' is invalid: choose one of \('weights', "):
         int8.quantize(small_params, mode="int4")
-    with pytest.raises(ValueError, match="h/attn/c_attn/kernel is already quantized"):
+    with pytest.raises(ValueError, match="h/0/attn/c_attn/kernel is already quantized"):
         int8.quantize(int8.quantize(small_params, mode="w8a8", embeddings=True), mode="w8a8")
 
 
@@ -234,10 +235,10 @@ def _outlier_model():
     """SMALL with trained-looking norms: two LayerNorm channels ~40x the rest, as GPT-2's
     LayerNorm outputs have (LLM.int8, arXiv:2208.07339 §3)."""
     params = gpt2jax.init_params(SMALL, jax.random.key(3))
-    gamma = jnp.ones((SMALL.n_layer, SMALL.n_embd)).at[:, [7, 41]].set(40.0)
-    h = params["h"]
-    return {**params, "h": {**h, "ln_1": {**h["ln_1"], "scale": gamma},
-                            "ln_2": {**h["ln_2"], "scale": gamma}}}
+    gamma = jnp.ones(SMALL.n_embd).at[jnp.array([7, 41])].set(40.0)
+    layers = {i: {**h, "ln_1": {**h["ln_1"], "scale": gamma}, "ln_2": {**h["ln_2"], "scale": gamma}}
+              for i, h in params["h"].items()}
+    return {**params, "h": layers}
 
 
 def test_smoothing_is_exact_in_float_and_helps_w8a8():
@@ -373,7 +374,7 @@ def test_w8a8_checkpoint_round_trip_with_smoothing(tmp_path, small_params, capsy
                           "--calibration", str(text), "--calibration-tokens", "64"]) == 0
     loaded_config, loaded = checkpoint.load(tmp_path / "w8a8")
     assert loaded_config == config
-    assert loaded["h"]["attn"]["c_attn"]["kernel"].activations == "int8"
+    assert loaded["h"]["0"]["attn"]["c_attn"]["kernel"].activations == "int8"
     calib = quantize.calibration_tokens(str(text), 64)
     expected = int8.quantize(quantize.smoothquant(small_params, config, calib, 0.5),
                              mode="w8a8", embeddings=True)
@@ -392,8 +393,8 @@ def test_lora_merge_over_a_w8a8_base_stays_w8a8(small_params):
     adapters = lora.init(lora.LoRAConfig(rank=2, alpha=4.0), SMALL, jax.random.key(1))
     adapters = adapters.replace(tree=jax.tree_util.tree_map(lambda a: a + 0.01, adapters.tree))
     merged = lora.merge(q, adapters, requantize=True)
-    kernel = merged["h"]["attn"]["c_attn"]["kernel"]
+    kernel = merged["h"]["0"]["attn"]["c_attn"]["kernel"]
     assert kernel.activations == "int8" and kernel.transposed
-    exact = lora.merge(int8.dequantize(q), adapters)["h"]["attn"]["c_attn"]["kernel"]
+    exact = lora.merge(int8.dequantize(q), adapters)["h"]["0"]["attn"]["c_attn"]["kernel"]
     error = float(jnp.max(jnp.abs(kernel.dequantize() - exact)))
     assert error <= float(kernel.scale.max()) / 2 + 1e-6

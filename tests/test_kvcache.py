@@ -12,7 +12,7 @@ import pytest
 
 from gpt2jax.config import NORM_PLACEMENTS, POS_EMBEDDINGS, GPTConfig
 from gpt2jax.kvcache import init_cache
-from gpt2jax.model import apply, init_params, unstack_layers
+from gpt2jax.model import apply, init_params
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32)
 
@@ -54,14 +54,14 @@ def test_ragged_prefill_then_decode_equals_full_forward(pos, placement):
     assert worst <= 1e-5, f"{pos}/{placement}: cached logits off by {worst:.2e} of the scale"
 
 
-def test_unstacked_layers_give_the_same_logits():
+def test_params_are_per_layer_as_hugging_face_names_them():
     config = GPTConfig(**TINY, pos_embedding="rope")
     params = init_params(config, jax.random.key(0))
-    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
-    layered = unstack_layers(params)
-    assert len(layered["h"]) == config.n_layer and unstack_layers(layered) is layered
-    np.testing.assert_allclose(_full(layered, tokens, config), _full(params, tokens, config),
-                               atol=1e-6, rtol=0)
+    assert sorted(params["h"]) == [str(i) for i in range(config.n_layer)]
+    assert params["h"]["0"]["attn"]["c_attn"]["kernel"].shape == (config.n_embd,
+                                                                   3 * config.n_embd)
+    assert not np.array_equal(params["h"]["0"]["attn"]["c_attn"]["kernel"],
+                              params["h"]["1"]["attn"]["c_attn"]["kernel"])  # own init keys
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

@@ -97,28 +97,25 @@ def test_merge_equals_adapters_and_unmerge_restores(base_params, rslora):
 def test_merge_over_an_int8_base_within_the_int8_bound(base_params, granularity):
     """Dequantize, add, re-quantize: each merged weight is within half its new int8 step of
     the exact sum; requantize=False gives the exact sum, whose logits equal the unmerged
-    adapters' over the int8 base; unstacked layers and numpy leaves merge alike."""
-    from gpt2jax.model import unstack_layers
+    adapters' over the int8 base; numpy leaves merge alike."""
     from gpt2jax.quant import int8
 
     adapters = _randomize_b(lora.init(lora.LoRAConfig(8, 16, ALL_TARGETS), BASE,
                                       jax.random.key(13)))
     q = int8.quantize(base_params, granularity=granularity)
-    with pytest.raises(ValueError, match=r"h/attn/c_attn is int8: pass requantize=True"):
+    with pytest.raises(ValueError, match=r"h/0/attn/c_attn is int8: pass requantize=True"):
         lora.merge(q, adapters)
     exact = lora.merge(int8.dequantize(q), adapters)
     merged = lora.merge(q, adapters, requantize=True)
     for path in (("attn", "c_attn"), ("mlp", "c_proj")):
-        kernel = merged["h"][path[0]][path[1]]["kernel"]
+        kernel = merged["h"]["1"][path[0]][path[1]]["kernel"]
         assert isinstance(kernel, int8.QTensor) and int8.granularity_of(kernel) == granularity
-        error = np.abs(kernel.dequantize() - exact["h"][path[0]][path[1]]["kernel"])
+        error = np.abs(kernel.dequantize() - exact["h"]["1"][path[0]][path[1]]["kernel"])
         assert np.all(error <= kernel.scale / 2 * (1 + 1e-5)), path
     tokens = _tokens()
     unmerged, _ = gpt2jax.forward(q, tokens, BASE, lora=adapters)
     as_float, _ = gpt2jax.forward(lora.merge(q, adapters, requantize=False), tokens, BASE)
     np.testing.assert_allclose(as_float, unmerged, atol=1e-5 * float(np.abs(unmerged).max()))
-    chex.assert_trees_all_equal(lora.merge(unstack_layers(q), adapters, requantize=True),
-                                unstack_layers(merged))
     # host copies (the trainer's process_allgather gives numpy leaves) merge alike
     chex.assert_trees_all_equal(lora.merge(jax.tree.map(np.asarray, q), adapters,
                                            requantize=True), merged)
@@ -130,8 +127,8 @@ def test_merge_over_an_int8_base_within_the_int8_bound(base_params, granularity)
 
 def test_qv_only_touches_q_and_v_columns(base_params):
     adapters = _randomize_b(lora.init(lora.LoRAConfig(4, 8), BASE, jax.random.key(4)))
-    delta = (lora.merge(base_params, adapters)["h"]["attn"]["c_attn"]["kernel"]
-             - base_params["h"]["attn"]["c_attn"]["kernel"])
+    delta = (lora.merge(base_params, adapters)["h"]["0"]["attn"]["c_attn"]["kernel"]
+             - base_params["h"]["0"]["attn"]["c_attn"]["kernel"])
     D = BASE.n_embd
     assert np.any(np.asarray(delta[..., :D])) and np.any(np.asarray(delta[..., 2 * D:]))
     assert not np.any(np.asarray(delta[..., D:2 * D])), "k's third must stay untouched"
@@ -198,14 +195,14 @@ def test_dropout_masks_the_adapter_input_only_and_is_unbiased():
     p, n = 0.3, 4000
     adapters = _with_dropout(_randomize_b(lora.init(lora.LoRAConfig(4, 16, ("c_fc",)), BASE,
                                                     jax.random.key(8)), std=0.2), p)
-    layer0 = lambda tree: jax.tree.map(lambda t: t[0], tree["h"]["mlp"]["c_fc"])
+    layer0 = lambda tree: tree["h"]["0"]["mlp"]["c_fc"]
     k_x, k_w, k_masks = jax.random.split(jax.random.key(9), 3)
     x = jax.random.normal(k_x, (6, BASE.n_embd))
     kernel = 0.1 * jax.random.normal(k_w, (BASE.n_embd, 4 * BASE.n_embd))
     linear = Linear(4 * BASE.n_embd, BASE, use_bias=False)
 
     def outputs(adapters):
-        lora_vars = layer0(adapters.scaled_tree(training=True))
+        lora_vars = layer0(adapters.layer_tree(training=True))
         assert float(lora_vars["keep"]) == pytest.approx(1 - p)
         run = lambda key: linear.apply({"params": {"kernel": kernel}, "lora": lora_vars}, x,
                                        rngs={"dropout": key})
@@ -214,7 +211,7 @@ def test_dropout_masks_the_adapter_input_only_and_is_unbiased():
     frozen = x @ kernel
     no_b = adapters.replace(tree=jax.tree.map(jnp.zeros_like, adapters.tree))
     np.testing.assert_array_equal(outputs(no_b)[0], frozen)
-    w = layer0(adapters.scaled_tree())
+    w = layer0(adapters.layer_tree())
     w = w["a"] @ w["b"]  # s·A·B [in, out]
     delta = outputs(adapters) - frozen
     expected = x @ w

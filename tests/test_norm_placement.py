@@ -26,7 +26,11 @@ def test_deepnorm_init_is_xavier_normal_with_gain_beta():
     alpha, beta = deepnorm_constants(L)
     assert (alpha, beta) == pytest.approx(((2 * L) ** 0.25, (8 * L) ** -0.25))
     xavier = lambda fan_in, fan_out: math.sqrt(2 / (fan_in + fan_out))  # noqa: E731
-    h = params["h"]
+    stack = lambda *path: np.stack([_at(layer, path) for layer in params["h"].values()])
+    h = {"attn": {"c_attn": {"kernel": stack("attn", "c_attn", "kernel")},
+                  "c_proj": {"kernel": stack("attn", "c_proj", "kernel")}},
+         "mlp": {"c_fc": {"kernel": stack("mlp", "c_fc", "kernel")},
+                 "c_proj": {"kernel": stack("mlp", "c_proj", "kernel")}}}
     q, k, v = np.split(np.asarray(h["attn"]["c_attn"]["kernel"]), 3, axis=-1)
     expected = {"q": (q, xavier(D, D)), "k": (k, xavier(D, D)), "v": (v, beta * xavier(D, D)),
                 "attention out": (h["attn"]["c_proj"]["kernel"], beta * xavier(D, D)),
@@ -75,3 +79,9 @@ def test_post_ln_and_deepnorm_fit_a_batch(placement, batch):
     # far below the batch's unigram entropy (~4.2 nats): the model memorizes it through its
     # context (measured: 0.09 for both after 60 steps, pre-LN alike)
     assert losses[-1] < 0.25 * unigram, (placement, losses[::10], unigram)
+
+
+def _at(tree, path):
+    for key in path:
+        tree = tree[key]
+    return np.asarray(tree)

@@ -87,9 +87,10 @@ def test_weight_decay_only_on_kernels_and_embeddings():
     mask = {ckpt_lib._path_str(p): v
             for p, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
     decayed = sorted(k for k, v in mask.items() if v)
-    assert decayed == ["h/attn/c_attn/kernel", "h/attn/c_proj/kernel", "h/mlp/c_fc/kernel",
-                       "h/mlp/c_proj/kernel", "lm_head", "wpe/embedding", "wte/embedding"]
-    assert not mask["h/ln_1/scale"] and not mask["h/attn/c_attn/bias"]
+    kernels = ["attn/c_attn/kernel", "attn/c_proj/kernel", "mlp/c_fc/kernel", "mlp/c_proj/kernel"]
+    assert decayed == sorted([f"h/{i}/{k}" for i in range(config.n_layer) for k in kernels]
+                             + ["lm_head", "wpe/embedding", "wte/embedding"])
+    assert not mask["h/0/ln_1/scale"] and not mask["h/1/attn/c_attn/bias"]
 
 
 def test_exact_resume_after_sigterm_and_sigkill(straight, tmp_path):

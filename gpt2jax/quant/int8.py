@@ -204,13 +204,13 @@ def nbytes(tree) -> int:
 # ---------------------------------------------------------------------------- SmoothQuant
 
 
-def smoothing_factors(input_absmax_LD, kernel_LDO, alpha: float = 0.5):
+def smoothing_factors(input_absmax_D, kernel_DO, alpha: float = 0.5):
     """SmoothQuant's per-channel s_j = max|X_j|^α / max_k|W_jk|^(1-α) (arXiv:2211.10438, eq. 4).
 
     X / s and s·W give the same product, with the activation outliers moved into W."""
-    w_absmax_LD = jnp.max(jnp.abs(kernel_LDO), axis=-1)
-    s = input_absmax_LD ** alpha / jnp.maximum(w_absmax_LD, 1e-8) ** (1 - alpha)
-    return jnp.where(input_absmax_LD > 0, jnp.maximum(s, 1e-5), 1.0)  # dead channels: keep
+    w_absmax_D = jnp.max(jnp.abs(kernel_DO), axis=-1)
+    s = input_absmax_D ** alpha / jnp.maximum(w_absmax_D, 1e-8) ** (1 - alpha)
+    return jnp.where(input_absmax_D > 0, jnp.maximum(s, 1e-5), 1.0)  # dead channels: keep
 
 
 def smooth(params, input_absmax: dict, alpha: float = 0.5):
@@ -221,14 +221,16 @@ def smooth(params, input_absmax: dict, alpha: float = 0.5):
     loses. `input_absmax`: {"c_attn": [L, D], "c_fc": [L, D]} from `calibrate`. Pre-LN only:
     there each of these norms feeds exactly one Linear."""
     _check_quantizable(params)
-    h = params["h"]
-    out = {k: dict(v) for k, v in h.items()}
-    for norm, module, linear in (("ln_1", "attn", "c_attn"), ("ln_2", "mlp", "c_fc")):
-        kernel = h[module][linear]["kernel"]
-        s_LD = smoothing_factors(jnp.asarray(input_absmax[linear]), kernel, alpha)
-        out[norm] = {k: v / s_LD for k, v in h[norm].items()}  # scale and (LayerNorm) bias
-        out[module] = {**out[module], linear: {**h[module][linear],
-                                               "kernel": kernel * s_LD[..., :, None]}}
+    out = {}
+    for i, h in params["h"].items():
+        layer = dict(h)
+        for norm, module, linear in (("ln_1", "attn", "c_attn"), ("ln_2", "mlp", "c_fc")):
+            kernel = h[module][linear]["kernel"]
+            s_D = smoothing_factors(jnp.asarray(input_absmax[linear])[int(i)], kernel, alpha)
+            layer[norm] = {k: v / s_D for k, v in h[norm].items()}  # scale, LayerNorm bias
+            layer[module] = {**layer[module], linear: {**h[module][linear],
+                                                       "kernel": kernel * s_D[:, None]}}
+        out[i] = layer
     return {**params, "h": out}
 
 
