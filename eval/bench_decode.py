@@ -48,10 +48,10 @@ import numpy as np
 from tqdm import tqdm
 
 from eval import common
-from gpt2jax import checkpoint, hf
+from gpt2jax import hf, sources
+from gpt2jax.cache import init_cache, make_cache
 from gpt2jax.config import PRESETS, GPTConfig
-from gpt2jax.generate import generate
-from gpt2jax.kvcache import init_cache, make_cache
+from gpt2jax.generation import generate
 from gpt2jax.model import init_params
 from gpt2jax.quant import int8
 from gpt2jax.quant.turboquant import TurboQuantConfig
@@ -217,7 +217,7 @@ def run(preset: str, quick: bool, ckpt: str | None = None, lengths=None) -> dict
     rounds = QUICK_ROUNDS if quick else ROUNDS
     torch.set_num_threads(threads)  # XLA's CPU client uses every core it is given
     if ckpt:
-        config, params = checkpoint.load(ckpt)
+        config, params = sources.load_checkpoint(ckpt)
         params = int8.dequantize(params)  # the float32 side; int8 sides are made from it
     else:
         # a smoke run keeps 2 of the preset's layers (with a cache each layer is its own

@@ -1,4 +1,4 @@
-"""Decode speed of the float32 cache against TurboQuant caches (issue 14's check; the lead's
+"""Decode speed of the float32 cache against TurboQuant caches (a closer look;
 `eval.bench_decode` carries the official figures).
 
     python -m eval.bench_kvcache [--preset gpt2] [--batches 1 8] [--prompt 512] [--new 512]
@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.common import RESULTS, machine, write_json
+from gpt2jax.cache import make_cache
 from gpt2jax.config import GPTConfig
-from gpt2jax.generate import generate
-from gpt2jax.kvcache import make_cache
+from gpt2jax.generation import generate
 from gpt2jax.model import init_params
 from gpt2jax.quant.turboquant import TurboQuantConfig
 

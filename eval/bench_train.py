@@ -268,7 +268,7 @@ def format_table(results: dict) -> str:
 
 
 def readme_table(paths) -> str:
-    """The README's training rows: one per host (JSON file) and shape, fp32."""
+    """docs/results.md's training rows: one per host (JSON file) and shape, fp32."""
     lines = ["| host | shape | gpt2jax tok/s | MFU (JAX's own peak) | torch.compile nanoGPT "
              "tok/s | HF eager tok/s | gpt2jax / compiled | gpt2jax / HF |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -292,7 +292,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 timed steps (smoke test)")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
     parser.add_argument("--readme", action="store_true",
-                        help="rewrite README's training table from eval/results/bench_train*.json")
+                        help="rewrite docs/results.md's training table from "
+                        "eval/results/bench_train*.json")
     args = parser.parse_args(argv)
     if not args.readme or args.json:
         results = run(quick=args.quick, dtypes=tuple(args.dtypes))
@@ -306,7 +307,8 @@ def main(argv=None) -> int:
             print(f"wrote {args.json}")
     if args.readme:
         common.write_readme_block(
-            "bench_train", readme_table(sorted(common.RESULTS.glob("bench_train*.json"))))
+            "bench_train", readme_table(sorted(common.RESULTS.glob("bench_train*.json"))),
+            common.RESULTS_DOC)
     return 0
 
 

@@ -41,10 +41,11 @@ from eval.common import (
     train_variant,
     write_json,
 )
-from gpt2jax import checkpoint, positions
+from gpt2jax import positions, sources
+from gpt2jax.attention import heads_to_rows, rows_to_heads
+from gpt2jax.cache import make_cache
 from gpt2jax.config import GPTConfig
-from gpt2jax.generate import generate
-from gpt2jax.kvcache import heads_to_rows, make_cache, rows_to_heads
+from gpt2jax.generation import generate
 from gpt2jax.model import Block, Norm, apply, token_embedding_scale
 from gpt2jax.quant.turboquant import TurboQuantConfig, bits_per_value, quarter_split
 from train import TrainConfig
@@ -198,7 +199,7 @@ def model_under_test(quick: bool, ckpt: str | None, work: Path) -> str:
 
 def run(quick: bool, out: Path, work: Path, ckpt: str | None = None) -> dict:
     ckpt = model_under_test(quick, ckpt, work)
-    config, params = checkpoint.load(ckpt)
+    config, params = sources.load_checkpoint(ckpt)
     T, d = config.block_size, config.head_dim
     val = np.asarray(data_lib.load_split(shakespeare_data(work), "val"))
     n_windows = 2 if quick else 16

@@ -36,7 +36,7 @@ from eval.common import (
     write_json,
 )
 from eval.verdicts import fmt_seeds, mean_sd, per_seed
-from gpt2jax import checkpoint, lora
+from gpt2jax import checkpoint, lora, sources
 from gpt2jax import data as corpus
 from train import TrainConfig
 from train import config as train_config
@@ -116,7 +116,7 @@ def finetune(plan: Plan, base: str, data: Path, work: Path, method: str, rank: i
              block_size: int, seed: int = 0) -> dict:
     """One adapter run (a cached run under work/, keyed by its config, which names the
     base's folder, and the code)."""
-    base_model = checkpoint.load_model(base)[0]
+    base_model = sources.load_model(base)[0]
     cfg = TrainConfig(
         model=base_model.replace(block_size=block_size), data=str(data),
         init_from=base, lora_rank=rank, lora_alpha=plan.alpha, rslora=method == "rslora",
@@ -133,7 +133,7 @@ def base_val_loss(base: str, data: Path, block_size: int) -> float:
     """The base's loss on the fine-tune val split, before any adapter step."""
     from eval.perplexity import sliding_window_nll
 
-    config, params = checkpoint.load_model(base, block_size=block_size)
+    config, params = sources.load_model(base, block_size=block_size)
     nll, _ = sliding_window_nll(params, config, np.asarray(data_lib.load_split(data, "val")),
                                 progress=False)
     return nll
@@ -217,7 +217,7 @@ def run(quick: bool, out: Path, work: Path, base: str | None = None, seeds: int 
     finetune_data = prepared(finetune_text, block)
     if base is None:
         base = train_base(plan, prepared(base_text, block), work)
-    block = min(block, checkpoint.load_model(base)[0].block_size)
+    block = min(block, sources.load_model(base)[0].block_size)
     base_loss = base_val_loss(base, finetune_data, block)
     runs = []
     from tqdm.auto import tqdm

@@ -95,9 +95,9 @@ def build_parser() -> cli.ArgumentParser:
 
 def _perplexity(args) -> None:
     if args.ckpt:
-        from gpt2jax import checkpoint
+        from gpt2jax import sources
 
-        config, params = checkpoint.load(args.ckpt)
+        config, params = sources.load_checkpoint(args.ckpt)
     else:
         from gpt2jax import hf
 

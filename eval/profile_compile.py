@@ -37,7 +37,7 @@ def child() -> dict:
     import jax
 
     from gpt2jax.config import GPTConfig
-    from gpt2jax.generate import generate
+    from gpt2jax.generation import generate
     from gpt2jax.model import init_params
     from gpt2jax.quant.turboquant import TurboQuantConfig
     from train.step import token_losses

@@ -20,7 +20,6 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
-import importlib  # noqa: E402
 import re  # noqa: E402
 import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -30,11 +29,11 @@ import numpy as np  # noqa: E402
 
 from eval import common  # noqa: E402
 from eval.profile_step import hlo_instructions, op_times  # noqa: E402
+from gpt2jax import generation as gen  # noqa: E402
 from gpt2jax.config import PRESETS, GPTConfig  # noqa: E402
 from gpt2jax.model import init_params  # noqa: E402
 from gpt2jax.quant import int8  # noqa: E402
 
-gen = importlib.import_module("gpt2jax.generate")  # gpt2jax.generate is also the function
 FORMATS = {"float32": None, "int8": dict(mode="weights"),
            "w8a8_emb": dict(mode="w8a8", embeddings=True)}
 PROMPT, NEW = 32, 64

@@ -30,8 +30,8 @@ import numpy as np  # noqa: E402
 from eval import common  # noqa: E402
 from eval.common import perplexity, val_loss, write_json, write_readme_block  # noqa: E402
 from eval.verdicts import fmt_pct, fmt_seeds, per_seed, per_seed_pct  # noqa: E402
-from gpt2jax import checkpoint  # noqa: E402
-from gpt2jax.generate import generate  # noqa: E402
+from gpt2jax import checkpoint, sources  # noqa: E402
+from gpt2jax.generation import generate  # noqa: E402
 from gpt2jax.quant import int8  # noqa: E402
 from gpt2jax.quantize import calibrate, calibration_tokens, smoothquant  # noqa: E402
 from train.config import TrainConfig, preset  # noqa: E402
@@ -154,7 +154,7 @@ def plot(result: dict, path: Path) -> Path:
 
 
 def readme_table(result: dict) -> str:
-    """The README's quality table, every figure from quantization.json (with seeds: means,
+    """docs/results.md's quality table, every figure from quantization.json (with seeds: means,
     and the sd over the seeds' models)."""
     model = result["model"]
     trained = result.get("trained")
@@ -228,7 +228,8 @@ def main(argv=None):
         p.add_argument("--name", default="quantization",
                        help="results file stem: OUT/NAME.json and .png (one per model)")
         p.add_argument("--readme", action="store_true",
-                       help="write the README's quality tables from --out's quantization*.json")
+                       help="write docs/results.md's quality tables from --out's "
+                       "quantization*.json")
 
     args = common.parse_experiment_args(
         "python -m eval.quantization", __doc__.splitlines()[0],
@@ -238,14 +239,15 @@ def main(argv=None):
     if args.readme:
         paths = sorted(out.glob("quantization*.json"))
         write_readme_block("quantization", "\n\n".join(
-            readme_table(json.loads(path.read_text())) for path in paths))
-        print(f"wrote the README's int8 quality tables from {', '.join(map(str, paths))}")
+            readme_table(json.loads(path.read_text())) for path in paths), common.RESULTS_DOC)
+        print(f"wrote {common.RESULTS_DOC.relative_to(common.ROOT)}'s int8 quality tables from "
+              f"{', '.join(map(str, paths))}")
         return
     quick = dict(max_tokens=512, new_tokens=8, n_prompts=2) if args.quick else {}
     with tempfile.TemporaryDirectory() as tmp:
         if args.ckpt or args.quick:
             if args.ckpt:
-                config, params = checkpoint.load(args.ckpt)
+                config, params = sources.load_checkpoint(args.ckpt)
                 val = common.val_tokens(common.shakespeare_data(tmp))
             else:
                 config, params, val = common.toy_model(tmp)

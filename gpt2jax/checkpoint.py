@@ -1,5 +1,8 @@
 """Train-state checkpoints with orbax: atomic, last-K, checked on the way back in.
 
+Orbax and tree checks only: where a model comes from (a checkpoint, a Hugging Face folder, a
+LoRA fine-tune over its base) is `gpt2jax.sources`.
+
 One checkpoint is a step folder with three orbax items:
 
     params   the model's param tree            (all that `load` needs)
@@ -25,7 +28,6 @@ fill a partial or differently shaped target without complaint.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -35,7 +37,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -51,10 +52,16 @@ class CheckpointMismatchError(ValueError):
     """A readable checkpoint that belongs to a different model or train state."""
 
 
+# What damaged files raise from orbax and tensorstore (a file cut short: json's ValueError;
+# a missing one: OSError). Only these move a step aside; any other error propagates and
+# leaves the step where it is.
+DAMAGE_ERRORS = (OSError, ValueError, EOFError)
+
+
 # ---------------------------------------------------------------------------- tree checks
 
 
-def _path_str(path) -> str:
+def path_str(path) -> str:
     parts = []
     for k in path:
         for attr in ("key", "idx", "name"):
@@ -70,7 +77,7 @@ def tree_signature(tree) -> dict[str, tuple[tuple[int, ...], str]]:
     Named tuples and lists both print as indices/field names, so an optax state and the
     dicts/lists orbax's metadata uses for it give the same paths."""
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {_path_str(p): (tuple(leaf.shape), str(leaf.dtype)) for p, leaf in leaves}
+    return {path_str(p): (tuple(leaf.shape), str(leaf.dtype)) for p, leaf in leaves}
 
 
 def check_tree(actual, expected, what: str) -> None:
@@ -107,12 +114,12 @@ def check_config(saved: dict, config: GPTConfig, where: str) -> None:
 def _from_stacked(stacked_tree, expected):
     """A format-1 tree (blocks stacked under `h`, `h/attn/...` [L, ...]) in the structure of
     `expected` (`h/i/attn/...`), each leaf put where `expected`'s ShapeDtypeStruct says."""
-    stacked = {_path_str(p): leaf
+    stacked = {path_str(p): leaf
                for p, leaf in jax.tree_util.tree_flatten_with_path(stacked_tree)[0]}
     wanted, treedef = jax.tree_util.tree_flatten_with_path(expected)
     leaves, missing = [], []
     for path, want in wanted:
-        key = _path_str(path)
+        key = path_str(path)
         layer = _LAYER_PATH.fullmatch(key)
         old_key = f"{layer[1] or ''}h/{layer[3]}" if layer else key
         if old_key not in stacked:
@@ -223,19 +230,19 @@ class Checkpointer:
         return self._newest_readable(read, quarantine=True)
 
     def load_params(self) -> tuple[GPTConfig, dict]:
-        """(config, params) of the newest readable checkpoint, params on the default device."""
+        """(config, params) of the newest readable checkpoint, params on the default device.
+        A LoRA checkpoint holds adapters, not a model: `gpt2jax.sources.load_checkpoint`
+        merges them into their base."""
         from gpt2jax.model import init_params  # model sits below checkpoint; import when used
         from gpt2jax.quant import int8
 
         def read(step, meta):
-            config = GPTConfig.from_dict(meta["config"])
             if "lora" in meta:
-                adapters = self._restore_adapters(step, meta, config)
-                from gpt2jax import lora
-
-                # an int8 base stays int8: merged, then rounded again
-                return config, lora.merge(load_base(meta["lora"]["base"], config), adapters,
-                                          requantize=True)
+                raise CheckpointMismatchError(
+                    f"checkpoint {self.directory}/{step} holds LoRA adapters, not a model: read "
+                    f"it with gpt2jax.sources.load_checkpoint (merged into its base) or "
+                    f"gpt2jax.checkpoint.load_adapters")
+            config = GPTConfig.from_dict(meta["config"])
             expected = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
             if "int8" in meta:  # written by `python -m gpt2jax.quantize`
                 options = int8.options(meta["int8"])
@@ -244,6 +251,13 @@ class Checkpointer:
                                                      stacked=meta.get("format", 1) == 1)
 
         found = self._newest_readable(read, quarantine=False)
+        if found is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}: {_WHERE}")
+        return found
+
+    def holds_adapters(self) -> bool:
+        """Whether the newest readable checkpoint is a LoRA fine-tune's (adapters only)."""
+        found = self._newest_readable(lambda step, meta: "lora" in meta, quarantine=False)
         if found is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}: {_WHERE}")
         return found
@@ -302,7 +316,7 @@ class Checkpointer:
                 return read(step, meta)
             except CheckpointMismatchError:
                 raise
-            except Exception as e:  # damaged files surface as many error types
+            except DAMAGE_ERRORS as e:  # anything else is not the files' fault: it propagates
                 if jax.process_count() > 1:  # each process reads its own shards: a fallback
                     raise FileNotFoundError(  # would need them all to agree, so none is taken
                         f"checkpoint {self.directory}/{step} is unreadable in process "
@@ -343,14 +357,21 @@ def _reader(directory: str | os.PathLike) -> Checkpointer:
 
 
 def load(directory: str | os.PathLike) -> tuple[GPTConfig, dict]:
-    """(config, params) from the newest readable checkpoint, for sampling and evaluation
-    (`python -m gpt2jax.sample --ckpt DIR`). `directory` is a checkpoint folder or a
-    training run's folder holding one in `checkpoints/`. A LoRA checkpoint gives its base
-    with the adapters merged in (K + s·A·B: the adapted model at the base's speed; over an
-    int8 base, K + s·A·B rounded to int8 again)."""
+    """(config, params) from the newest readable model checkpoint. `directory` is a
+    checkpoint folder or a training run's folder holding one in `checkpoints/`. For any
+    checkpoint, LoRA fine-tunes included, use `gpt2jax.sources.load_checkpoint`."""
     ckpt = _reader(directory)
     try:
         return ckpt.load_params()
+    finally:
+        ckpt.close()
+
+
+def holds_adapters(directory: str | os.PathLike) -> bool:
+    """Whether the newest readable checkpoint in `directory` is a LoRA fine-tune's."""
+    ckpt = _reader(directory)
+    try:
+        return ckpt.holds_adapters()
     finally:
         ckpt.close()
 
@@ -363,78 +384,6 @@ def load_adapters(directory: str | os.PathLike):
         return ckpt.load_adapters()
     finally:
         ckpt.close()
-
-
-def load_model(source: str, *, block_size: int | None = None) -> tuple[GPTConfig, dict]:
-    """(config, params) from 'ckpt:DIR' (a gpt2jax checkpoint), 'hf:DIR' (a Hugging Face
-    GPT-2 folder) or a hub name ('gpt2', 'openai-community/gpt2-medium', ...).
-
-    block_size crops learned positions to a shorter context (as nanoGPT does); it never
-    grows one."""
-    from gpt2jax import hf
-
-    if source.startswith("ckpt:"):
-        config, params = load(source.removeprefix("ckpt:"))
-    elif source.startswith("hf:"):
-        config, params = hf.load(source.removeprefix("hf:"))
-    elif source in hf.HUB_NAMES or source.startswith("openai-community/"):
-        config, params = hf.load(source)
-    else:
-        raise ValueError(
-            f"model source {source!r} is not understood: use hf:DIR (a Hugging Face GPT-2 "
-            f"folder), ckpt:DIR (a gpt2jax checkpoint folder) or a hub name "
-            f"({', '.join(hf.HUB_NAMES)})"
-        )
-    if block_size is not None and block_size < config.block_size:
-        config = config.replace(block_size=block_size)
-        if "wpe" in params:
-            params = {**params, "wpe": {"embedding": params["wpe"]["embedding"][:block_size]}}
-    return config, params
-
-
-def source_reference(source: str) -> str:
-    """`source` with a relative DIR made absolute, so a checkpoint finds its base from any
-    working directory."""
-    for prefix in ("ckpt:", "hf:"):
-        if source.startswith(prefix):
-            return prefix + str(Path(source.removeprefix(prefix)).absolute())
-    return source
-
-
-def fingerprint(params) -> str:
-    """sha256 over every leaf's path, shape, dtype and bytes: the identity of a base model.
-
-    Taken over the blocks stacked on a leading axis (`h/attn/...` [L, ...], the layout of
-    format 1), so a base keeps its identity across the layout change."""
-    digest = hashlib.sha256()
-    layers = [params["h"][str(i)] for i in range(len(params["h"]))]
-    stacked = {**params, "h": jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]),
-                                           *layers)}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(stacked)[0]:
-        array = np.asarray(leaf)
-        digest.update(f"{_path_str(path)}:{array.shape}:{array.dtype};".encode())
-        digest.update(np.ascontiguousarray(array).tobytes())
-    return digest.hexdigest()
-
-
-def load_base(reference: dict, config: GPTConfig) -> dict:
-    """The frozen base a LoRA checkpoint refers to ({'source', 'sha256'}), checked to be the
-    very model the adapters were trained on."""
-    base_config, params = load_model(reference["source"], block_size=config.block_size)
-    same_fields = {"dropout": config.dropout, "dtype": config.dtype,  # run-time choices
-                   "attention_impl": config.attention_impl}
-    if base_config.replace(**same_fields) != config:
-        raise CheckpointMismatchError(
-            f"the base at {reference['source']} is not the model these adapters were trained "
-            f"on: its config is {base_config.to_dict()}, the adapters' {config.to_dict()}"
-        )
-    if fingerprint(params) != reference["sha256"]:
-        raise CheckpointMismatchError(
-            f"the base at {reference['source']} has changed since the adapters were trained "
-            f"(sha256 of its arrays differs from {reference['sha256'][:12]}...): restore that "
-            f"base, or fine-tune again from the new one"
-        )
-    return jax.tree.map(jnp.asarray, params)
 
 
 def save_params(directory: str | os.PathLike, config: GPTConfig, params, *,

@@ -14,7 +14,7 @@ POS_EMBEDDINGS = ("learned", "sinusoidal", "rope")
 NORM_PLACEMENTS = ("pre", "post", "deepnorm")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
-# masked: the einsum + masked softmax of kvcache.masked_attention (CPU-tuned, dropout-capable);
+# masked: the einsum + masked softmax of attention.masked_attention (CPU-tuned, dropout-capable);
 # dot_product_attention: jax.nn.dot_product_attention (cuDNN's fused kernel on a GPU in
 # bfloat16/float16, XLA's elsewhere); auto: the latter where cuDNN's kernel applies, else masked.
 ATTENTION_IMPLS = ("auto", "masked", "dot_product_attention")

@@ -4,7 +4,7 @@ Unfused (`model.apply` -> logits -> `optax.softmax_cross_entropy_with_integer_la
 autodiff keeps the float32 [tokens, vocab] logits for the backward pass, reads them again
 for the softmax, scatters into a zero tensor for the gradient of the label gather, and
 transposes the [tokens, vocab] gradient before the weight-gradient matmul (the baby step
-spent 0.28 s of 3.3 s there; BUILD_NOTES, issue 12). Here the forward pass of the custom
+spent 0.28 s of 3.3 s there; docs/design.md#head-loss). Here the forward pass of the custom
 VJP computes, chunk by chunk of tokens, the logits, the log-sum-exp and `softmax - onehot`
 (a compare against the labels, no scatter), and multiplies that straight into the
 gradients of the hidden states and of the head; the backward pass only scales them by the
@@ -14,7 +14,7 @@ incoming cotangent. The loss is a mean, so the cotangent is one scalar and nothi
 The vocabulary is not padded to a multiple of 64: alone, XLA:CPU's GEMM is faster on
 50,304 columns than on 50,257, but masking the padded logits out of the softmax costs a
 full pass over the [tokens, vocab] block (0.11 s of a 3.7 s baby step, 0.18 s of 7.0 s at
-124M), more than the GEMMs gain (BUILD_NOTES, issue 12).
+124M), more than the GEMMs gain (docs/design.md#head-loss).
 """
 
 from __future__ import annotations

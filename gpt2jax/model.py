@@ -24,14 +24,14 @@ import numpy as np
 
 from gpt2jax import lora as lora_lib
 from gpt2jax import positions as pos_lib
-from gpt2jax.config import GPTConfig
-from gpt2jax.kvcache import (
+from gpt2jax.attention import (
     causal_mask,
     dot_product_attention,
     heads_to_rows,
     masked_attention,
     uses_dot_product_attention,
 )
+from gpt2jax.config import GPTConfig
 from gpt2jax.quant import int8
 
 

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import checkpoint, cli
+from gpt2jax import checkpoint, cli, sources
 from gpt2jax.config import GPTConfig
 from gpt2jax.quant import int8
 
@@ -103,7 +103,7 @@ def _quantize(args) -> None:
     recorded = {"granularity": args.granularity, "skip": "norms_too" if args.norms_too
                 else "default", "mode": args.mode, "embeddings": args.embeddings,
                 "smooth_alpha": args.smooth}
-    config, params = checkpoint.load(args.ckpt)
+    config, params = sources.load_checkpoint(args.ckpt)
     float_params = params
     if args.smooth is not None:
         tokens = calibration_tokens(args.calibration, args.calibration_tokens)

@@ -16,7 +16,7 @@ import sys
 import jax
 
 from gpt2jax import cli, hf, tokenizer
-from gpt2jax.generate import generate, generate_stream
+from gpt2jax.generation import generate, generate_stream
 
 
 def build_parser() -> cli.ArgumentParser:
@@ -47,9 +47,9 @@ def _sample(args) -> None:
     if args.hf:
         config, params = hf.load(args.hf)
     else:
-        from gpt2jax import checkpoint  # orbax is needed only for training checkpoints
+        from gpt2jax import sources  # orbax is needed only for training checkpoints
 
-        config, params = checkpoint.load(args.ckpt)
+        config, params = sources.load_checkpoint(args.ckpt)
     prompt = tokenizer.encode(args.prompt) or [tokenizer.EOT_ID]
     eos_id = tokenizer.EOT_ID if tokenizer.EOT_ID < config.vocab_size else None
     kwargs = dict(max_new_tokens=args.max_new_tokens, key=jax.random.key(args.seed),

@@ -33,7 +33,8 @@ DISTRIBUTED_ENV = "GPT2JAX_DISTRIBUTED"
 NUM_PROCESSES_ENV = "GPT2JAX_NUM_PROCESSES"
 PROCESS_ID_ENV = "GPT2JAX_PROCESS_ID"
 # A process that misses heartbeats this long is declared dead and JAX terminates the others
-# (its default is 100 s). Survivors of a SIGKILLed peer stop ~0.8x this later (BUILD_NOTES).
+# (its default is 100 s). Survivors of a SIGKILLed peer stop ~0.8x this later
+# (docs/design.md#multi-process).
 HEARTBEAT_TIMEOUT_S = 30
 
 

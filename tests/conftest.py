@@ -74,7 +74,7 @@ def require(module: str):
 def apply_traces(monkeypatch):
     """A list that grows by one whenever generation traces the model (`apply` called while
     jax traces `gpt2jax.generate`'s functions): a compile counter."""
-    module = importlib.import_module("gpt2jax.generate")  # the module, not the function
+    from gpt2jax import generation as module
     traces = []
     real_apply = module.apply
     monkeypatch.setattr(module, "apply", lambda *a, **kw: traces.append(1) or real_apply(*a, **kw))

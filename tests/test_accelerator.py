@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 from conftest import REPO
 
+from gpt2jax.attention import uses_dot_product_attention
+from gpt2jax.cache import init_cache
 from gpt2jax.config import GPTConfig
-from gpt2jax.kvcache import init_cache, uses_dot_product_attention
 from gpt2jax.model import apply, init_params
 from train.__main__ import build_parser, config_from_args
 from train.config import platform_dtype

@@ -15,7 +15,7 @@ from conftest import REPO
 from trainutil import TINY_MODEL
 
 from gpt2jax import checkpoint, sample, tokenizer
-from gpt2jax.generate import generate_stream
+from gpt2jax.generation import generate_stream
 from gpt2jax.model import init_params
 from train.__main__ import build_parser as train_parser
 from train.__main__ import main as train_main

@@ -12,8 +12,8 @@ import pytest
 
 from eval import kv_quant
 from gpt2jax import apply, init_params
+from gpt2jax.cache import init_cache
 from gpt2jax.config import GPTConfig
-from gpt2jax.kvcache import init_cache
 from gpt2jax.quant.turboquant import TurboQuantConfig
 
 CONFIG = GPTConfig(vocab_size=101, block_size=32, n_layer=2, n_head=2, n_embd=128)

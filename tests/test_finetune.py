@@ -14,8 +14,8 @@ import pytest
 from trainutil import TINY_MODEL, run_child, small_corpus, tiny_config
 
 from gpt2jax import checkpoint as ckpt_lib
-from gpt2jax import lora, quantize, sample
-from gpt2jax.generate import generate
+from gpt2jax import lora, quantize, sample, sources
+from gpt2jax.generation import generate
 from gpt2jax.model import init_params
 from gpt2jax.quant import int8
 from train import TrainConfig, optim, train
@@ -89,10 +89,10 @@ def test_finetune_checkpoints_adapters_and_a_reference_to_the_base(finetuned, ba
     ckpt.close()
     assert not [p for p in saved if "kernel" in p or "embedding" in p or "scale" in p]
     # the base on disk is bitwise the one we started from
-    _, base = ckpt_lib.load_model(f"ckpt:{base_dir}")
+    _, base = sources.load_model(f"ckpt:{base_dir}")
     assert _leaves_equal(base, init_params(TINY_MODEL, jax.random.key(3)))
     # load() gives the merged model: the base with K + s·A·B folded in
-    config, merged = ckpt_lib.load(result.out)
+    config, merged = sources.load_checkpoint(result.out)
     assert config == result.config.model
     assert _leaves_equal(merged, lora.merge(base, adapters))
     assert not np.array_equal(merged["h"]["0"]["attn"]["c_attn"]["kernel"],
@@ -126,7 +126,7 @@ def test_a_changed_base_is_refused(finetuned, tmp_path):
     # the checkpoint's reference points at a base that has since been overwritten
     adapters, ref = ckpt_lib.load_adapters(reference.out)
     with pytest.raises(ckpt_lib.CheckpointMismatchError, match="has changed since"):
-        ckpt_lib.load_base({**ref, "source": f"ckpt:{other_base}"}, adapters.base)
+        sources.load_base({**ref, "source": f"ckpt:{other_base}"}, adapters.base)
 
 
 def test_sample_cli_applies_the_merged_adapters(finetuned, capsys):
@@ -134,7 +134,7 @@ def test_sample_cli_applies_the_merged_adapters(finetuned, capsys):
     sample.main(["--ckpt", str(result.out), "--prompt", "ROMEO:", "--max-new-tokens", "6",
                  "--temperature", "0"])
     printed = capsys.readouterr().out
-    config, merged = ckpt_lib.load(result.out)
+    config, merged = sources.load_checkpoint(result.out)
     from gpt2jax import tokenizer
 
     prompt = tokenizer.encode("ROMEO:")
@@ -170,12 +170,12 @@ def test_finetune_over_a_hugging_face_folder(corpus, base_dir, tmp_path):
     """hf:DIR bases are referenced and re-hashed on load like checkpoint bases."""
     from gpt2jax import hf
 
-    config, base = ckpt_lib.load_model(f"ckpt:{base_dir}")
+    config, base = sources.load_model(f"ckpt:{base_dir}")
     hf.save(config, base, tmp_path / "hf")
     cfg = tiny_config(corpus, tmp_path / "run", init_from=f"hf:{tmp_path / 'hf'}",
                       max_steps=2, ckpt_every=2, warmup_steps=0, **LORA)
     result = train(cfg, progress=False)
-    _, merged = ckpt_lib.load(result.out)
+    _, merged = sources.load_checkpoint(result.out)
     adapters, reference = ckpt_lib.load_adapters(result.out)
     assert reference["source"] == f"hf:{(tmp_path / 'hf').absolute()}"
     assert _leaves_equal(merged, lora.merge(jax.tree.map(np.asarray, base), adapters))
@@ -197,13 +197,13 @@ def int8_finetuned(corpus, base_dir, tmp_path_factory):
 def test_lora_over_an_int8_base_trains_with_the_base_int8(int8_finetuned):
     int8_dir, cfg, result = int8_finetuned
     assert np.mean(result.losses[-2:]) < result.losses[0]
-    _, base = ckpt_lib.load_model(f"ckpt:{int8_dir}")
+    _, base = sources.load_model(f"ckpt:{int8_dir}")
     assert int8.is_quantized(base)
     summary = json.loads((result.out / "summary.json").read_text())
     assert summary["frozen_base_bytes"] == int8.nbytes(base) < int8.nbytes(int8.dequantize(base))
     adapters, _ = ckpt_lib.load_adapters(result.out)
     assert adapters.config == cfg.lora_config() and adapters.config.dropout == 0.1
-    config, merged = ckpt_lib.load(result.out)  # what `sample --ckpt` runs: int8, merged
+    config, merged = sources.load_checkpoint(result.out)  # what `sample --ckpt` runs: int8, merged
     assert int8.is_quantized(merged)
     assert _leaves_equal(merged, lora.merge(base, adapters, requantize=True))
 

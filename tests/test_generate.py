@@ -13,7 +13,7 @@ from conftest import require
 import gpt2jax
 from gpt2jax import hf
 from gpt2jax.config import GPTConfig
-from gpt2jax.generate import generate, generate_stream, sample_logits
+from gpt2jax.generation import generate, generate_stream, sample_logits
 from gpt2jax.model import init_params
 
 TINY = dict(vocab_size=97, block_size=64, n_layer=2, n_head=2, n_embd=32)
@@ -170,7 +170,9 @@ def test_rope_generates_past_block_size_with_a_warning_naming_both_lengths():
 
 def test_generate_is_importable_from_the_package():
     assert gpt2jax.generate is generate and gpt2jax.generate_stream is generate_stream
-    assert importlib.import_module("gpt2jax.generate").sample_logits is sample_logits
+    assert importlib.import_module("gpt2jax.generation").sample_logits is sample_logits
+    with pytest.raises(ModuleNotFoundError):  # the function shadows no module of that name
+        importlib.import_module("gpt2jax.generate")
 
 
 def test_stream_concatenates_to_generate_compiling_once_per_chunk_shape(tiny, apply_traces):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import re
 
 import chex
@@ -123,7 +122,7 @@ def test_bad_input(small_params):
 
 def test_quantize_cli_checkpoint_round_trip_and_generate(tmp_path, small_params, capsys):
     from gpt2jax import checkpoint, quantize
-    from gpt2jax.generate import generate
+    from gpt2jax.generation import generate
 
     checkpoint.save_params(tmp_path / "float", SMALL, small_params)
     quantize.main(["--ckpt", str(tmp_path / "float"), "--out", str(tmp_path / "int8")])
@@ -333,7 +332,7 @@ def test_decode_program_keeps_int8_kernels_int8(small_params, mode):
     """The compiled generate (prefill + lax.scan decode) of a W8A8 model converts no int8
     kernel to float, inside the loop or hoisted before it; weight-only int8 does (which
     shows the check finds such a convert)."""
-    gen = importlib.import_module("gpt2jax.generate")  # gpt2jax.generate is also the function
+    from gpt2jax import generation as gen
 
     q = int8.quantize(small_params, mode=mode, embeddings=True)
     shapes = set()
@@ -356,7 +355,7 @@ def test_decode_program_keeps_int8_kernels_int8(small_params, mode):
 
 def test_w8a8_checkpoint_round_trip_with_smoothing(tmp_path, small_params, capsys):
     from gpt2jax import checkpoint, quantize
-    from gpt2jax.generate import generate
+    from gpt2jax.generation import generate
 
     text = tmp_path / "calib.txt"
     text.write_text("To be, or not to be, that is the question. " * 40)

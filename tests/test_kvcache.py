@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt2jax.cache import init_cache
 from gpt2jax.config import NORM_PLACEMENTS, POS_EMBEDDINGS, GPTConfig
-from gpt2jax.kvcache import init_cache
 from gpt2jax.model import apply, init_params
 
 TINY = dict(vocab_size=97, block_size=32, n_layer=2, n_head=2, n_embd=32)

@@ -11,15 +11,10 @@ import numpy as np
 import optax
 import pytest
 
+from gpt2jax.attention import heads_to_rows, masked_attention
+from gpt2jax.cache import init_cache, init_turboquant_cache, turboquant_quantizers
 from gpt2jax.config import GPTConfig
-from gpt2jax.generate import generate
-from gpt2jax.kvcache import (
-    heads_to_rows,
-    init_cache,
-    init_turboquant_cache,
-    masked_attention,
-    turboquant_quantizers,
-)
+from gpt2jax.generation import generate
 from gpt2jax.model import apply, init_params
 from gpt2jax.quant.turboquant import (
     OutlierSplit,
@@ -186,11 +181,11 @@ def test_decode_reads_the_smallest_prefix_holding_every_stored_position(monkeypa
     every row's stored positions: equal to reading all max_len slots (to float rounding).
     The lengths sit at the edges (65 needs 128, 130 needs 256): a bucket one too small would
     drop a stored key and move the output far past the tolerance."""
-    from gpt2jax import kvcache
+    from gpt2jax.cache import turboquant as tq_cache
 
-    assert kvcache.prefix_buckets(512) == (64, 128, 256, 512)
-    assert kvcache.prefix_buckets(1088)[-2:] == (1024, 1088)
-    assert kvcache.prefix_buckets(16) == (16,)
+    assert tq_cache.prefix_buckets(512) == (64, 128, 256, 512)
+    assert tq_cache.prefix_buckets(1088)[-2:] == (1024, 1088)
+    assert tq_cache.prefix_buckets(16) == (16,)
     config = GPTConfig(**{**TINY, "n_layer": 1, "n_embd": 64, "block_size": 512})
     B, H, D, S = 2, config.n_head, config.head_dim, 512
     rng = np.random.default_rng(0)
@@ -204,7 +199,7 @@ def test_decode_reads_the_smallest_prefix_holding_every_stored_position(monkeypa
         cache = cache.write(0, k1, v1)
         prefix = attend(cache, q, k1, v1)  # eager: jit would reuse one trace for both
         with monkeypatch.context() as m:
-            m.setattr(kvcache, "prefix_buckets", lambda max_len: (max_len,))
+            m.setattr(tq_cache, "prefix_buckets", lambda max_len: (max_len,))
             whole = attend(cache, q, k1, v1)
         np.testing.assert_allclose(prefix, whole, atol=1e-5, rtol=1e-5)
 

@@ -24,6 +24,7 @@ from conftest import REPO
 from trainutil import cli_args, small_corpus, tiny_config
 
 from gpt2jax import checkpoint as ckpt_lib
+from gpt2jax import sources
 from train.launch import launch, process_env
 from train.launch import main as launch_main
 
@@ -108,7 +109,7 @@ SPY = textwrap.dedent("""
         if jax.process_index() == 0:
             leaves = jax.tree_util.tree_flatten_with_path(whole)[0]
             np.savez(f"{cfg.out}/written-{step}.npz",
-                     **{checkpoint._path_str(p): np.asarray(x) for p, x in leaves})
+                     **{checkpoint.path_str(p): np.asarray(x) for p, x in leaves})
 
     checkpoint.Checkpointer.save = spy
     train(cfg, progress=False)
@@ -127,7 +128,7 @@ RESTORE_SPY = textwrap.dedent("""
 
     def spy(self, *args, **kwargs):  # copies: the trainer donates the restored state
         state, meta = restore(self, *args, **kwargs)
-        got.update({checkpoint._path_str(p): np.array(x)
+        got.update({checkpoint.path_str(p): np.array(x)
                     for p, x in jax.tree_util.tree_flatten_with_path(state)[0]})
         steps.append(meta["step"])
         return state, meta
@@ -151,7 +152,7 @@ def test_fsdp_checkpoint_of_two_processes_resumes_in_one(reference, tmp_path, mo
     # One process, one device, from the step-3 checkpoint the two processes wrote (FSDP
     # shards of both), through the trainer's own restore: every leaf as it was written. In a
     # child process like the others: an in-process train after the suite's hundreds of
-    # compiles once crashed inside XLA's compiler (BUILD_NOTES, issue 17).
+    # compiles once crashed inside XLA's compiler (docs/design.md#tests).
     run = _rewind(tmp_path / "run", tmp_path / "resumed", 3)
     resumed = cfg.replace(out=str(run), mesh_data=1, fsdp=False, resume=True)
     child = subprocess.run([sys.executable, "-c", RESTORE_SPY, json.dumps(resumed.to_dict())],
@@ -213,7 +214,7 @@ def test_killing_one_process_stops_the_job_and_keeps_the_newest_checkpoint(refer
         os.kill(int(pids["0"]), 0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no damaged step to skip
-        config, params = ckpt_lib.load(tmp_path / "run")
+        config, params = sources.load_checkpoint(tmp_path / "run")
     assert config == cfg.model and max(ckpt_lib.Checkpointer(ckpt_dir).steps()) >= 4
 
 

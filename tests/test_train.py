@@ -84,7 +84,7 @@ def test_gradient_accumulation_equals_the_big_batch():
 def test_weight_decay_only_on_kernels_and_embeddings():
     config = TINY_MODEL.replace(tie_embeddings=False)
     params = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
-    mask = {ckpt_lib._path_str(p): v
+    mask = {ckpt_lib.path_str(p): v
             for p, v in jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
     decayed = sorted(k for k, v in mask.items() if v)
     kernels = ["attn/c_attn/kernel", "attn/c_proj/kernel", "mlp/c_fc/kernel", "mlp/c_proj/kernel"]

@@ -2,7 +2,7 @@
 
 The compute dtype defaults to bfloat16 on a GPU or TPU and float32 on CPU (--dtype overrides).
 Several processes (a cluster, or `python -m train.launch` on one machine) run this same command;
-see the README's "Scale out".
+see docs/training.md, "Scale out".
 
 LoRA fine-tuning of a trained model on new text (the base may be an int8 checkpoint), or
 continuing a peft adapter:

@@ -138,7 +138,7 @@ class TrainConfig:
 
 
 # The main job: Tiny Shakespeare on a 2-core CPU, as low a val loss as 15 minutes allow, all
-# included. Chosen by runs of the clock (BUILD_NOTES.md, issues 4 and 12): dropout 0 beat 0.1
+# included. Chosen by runs of the clock (docs/design.md#main-job): dropout 0 beat 0.1
 # and 0.2, lr 2e-3 beat 1e-3 and 3e-3; RoPE beat learned positions (claims report: -0.235
 # nats at equal tokens), and in 5-minute runs with RoPE, 4 rows of 256 tokens (5.108) beat 8
 # of 128 (5.113), 2 of 256 (5.186), 6 layers (5.250) and lr 3e-3 (5.257). The cosine follows

@@ -56,7 +56,7 @@ def cores() -> int:
 
 
 def cpu_model() -> str:
-    """lscpu's model name: ratios against PyTorch follow the host (BUILD_NOTES)."""
+    """lscpu's model name: ratios against PyTorch follow the host (docs/design.md)."""
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.exists():  # not Linux
         return platform.processor() or platform.machine() or "unknown CPU"

@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 
 from gpt2jax import checkpoint as ckpt_lib
 from gpt2jax import lora as lora_lib
-from gpt2jax import sharding, tokenizer
+from gpt2jax import sharding, sources, tokenizer
 from gpt2jax.config import GPTConfig
-from gpt2jax.generate import generate
+from gpt2jax.generation import generate
 from gpt2jax.model import init_params
 from gpt2jax.quant import int8
 from train import data as data_lib
@@ -87,7 +87,7 @@ def initial_params(cfg: TrainConfig) -> tuple[GPTConfig, dict]:
     does) come from cfg.model."""
     if cfg.init_from is None:
         return cfg.model, init_params(cfg.model, jax.random.PRNGKey(cfg.seed))
-    config, params = ckpt_lib.load_model(cfg.init_from, block_size=cfg.model.block_size)
+    config, params = sources.load_model(cfg.init_from, block_size=cfg.model.block_size)
     config = config.replace(dropout=cfg.model.dropout, dtype=cfg.model.dtype,
                             attention_impl=cfg.model.attention_impl)
     # host arrays: every process places its own shards of them (arrays committed to one
@@ -263,8 +263,8 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     if adapters is not None:  # params become the frozen base (float or int8); adapters train
         base, params = params, adapters.tree
         lora_meta = {"lora": {"config": lora_config.to_dict(), "base": {
-            "source": ckpt_lib.source_reference(cfg.init_from),
-            "sha256": ckpt_lib.fingerprint(base)}}}
+            "source": sources.source_reference(cfg.init_from),
+            "sha256": sources.fingerprint(base)}}}
     K, B, T = cfg.grad_accum, cfg.batch_size, model_config.block_size
     sampler = data_lib.BatchSampler(train_tokens, B, T, cfg.seed)
     mesh = sharding.make_mesh(cfg.mesh_data)

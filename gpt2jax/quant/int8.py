@@ -10,7 +10,7 @@ Two modes:
   float before a float matmul: 4x smaller kernels, no faster (the cast is a float copy).
 - `mode="w8a8"`: `Linear` also quantizes its input per token (symmetric absmax int8, at run
   time) and runs an int8 x int8 -> int32 dot, rescaled by token scale x column scale. Its
-  kernels are stored [out, in], the layout XLA:CPU's int8 dot reads fastest (BUILD_NOTES).
+  kernels are stored [out, in], the layout XLA:CPU's int8 dot reads fastest (docs/design.md#w8a8).
   GPT-2's LayerNorm outputs carry a few large channels that a per-token scale spends its
   range on; `smooth` (SmoothQuant, arXiv:2211.10438 §4) moves them into the kernels first.
 
@@ -253,7 +253,7 @@ def int8_dot(x, q: QTensor) -> jax.Array:
     """float32 x [..., in] times a W8A8 `q` (values [out, in]) through int8 x int8 -> int32.
 
     One row is padded to two: XLA:CPU's int8 dot takes a slow path for a single row
-    (768x2304: 491 µs, against 96 µs for two rows; BUILD_NOTES)."""
+    (768x2304: 491 µs, against 96 µs for two rows; docs/design.md#w8a8)."""
     lead, d_in = x.shape[:-1], x.shape[-1]
     x_ND = x.reshape(-1, d_in)
     n = x_ND.shape[0]

@@ -1,24 +1,6 @@
-"""The KV cache as a value: a pytree that goes into the forward and comes out updated.
-
-Interface every cache kind implements (so attention never branches on the kind):
-
-- `write(layer, k_BTHD, v_BTHD) -> cache`: store T new keys/values of every row at that
-  row's own offset `lengths[b]` (keys arrive already rotated when RoPE is on); `layer` is a
-  Python int: the model runs the layers one by one when it carries a cache;
-- `attend(layer, q_BTHD, q_positions_BT, k_BTHD, v_BTHD) -> out_BTHD`: causal attention of
-  the queries over everything cached for that layer (buffer index == absolute position),
-  after `write` stored the chunk's k/v; a lossy cache attends to the chunk itself through
-  the exact k_BTHD, v_BTHD;
-- `advance(T) -> cache`: the rows' lengths grow by T once every layer has written;
-- `nbytes`: the bytes its arrays hold.
-
-Kinds: `KVCache` (float, `init_cache`) and `TurboQuantCache` (`init_turboquant_cache`: packed
-TurboQuant codes, arXiv:2504.19874 Algorithms 1–2, plus an optional float window of the most
-recent tokens); `make_cache` builds either from the `kv_cache` argument of `generate`.
-
-Memory: 2 (k and v) x n_layer x batch x max_len x n_embd x bytes per element for the float
-cache; TurboQuant replaces the bytes per element by `turboquant.bits_per_value / 8`.
-"""
+"""The TurboQuant KV cache: keys and values stored as TurboQuant codes (arXiv:2504.19874,
+Algorithms 1-2; the math is `gpt2jax.quant.turboquant`), plus an optional float window of the
+most recent tokens."""
 
 from __future__ import annotations
 
@@ -28,176 +10,10 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from gpt2jax.attention import heads_to_rows, rows_to_heads
+from gpt2jax.cache.dense import check_size, replace_at, row_positions, scatter_rows
 from gpt2jax.config import GPTConfig
 from gpt2jax.quant.turboquant import OutlierSplit, TurboQuantConfig, outlier_permutation
-
-CACHE_DTYPES = ("float32", "bfloat16", "float16")
-
-
-def heads_to_rows(x_BTHD):
-    """[B, T, H, D] -> [B*H, T, D]: one attention row per (batch, head) pair, b*H + h."""
-    B, T, H, D = x_BTHD.shape
-    return x_BTHD.transpose(0, 2, 1, 3).reshape(B * H, T, D)
-
-
-def rows_to_heads(x_NTD, batch: int):
-    """[B*H, T, D] -> [B, T, H, D], the inverse of `heads_to_rows`."""
-    N, T, D = x_NTD.shape
-    return x_NTD.reshape(batch, N // batch, T, D).transpose(0, 2, 1, 3)
-
-
-def masked_softmax(scores_BHTS, mask_BTS, probs_dropout=None):
-    """Softmax over the keys of scaled float32 scores, masked keys getting exactly 0."""
-    scores_BHTS = jnp.where(mask_BTS[:, None], scores_BHTS, jnp.finfo(jnp.float32).min)
-    probs_BHTS = jax.nn.softmax(scores_BHTS, axis=-1)
-    return probs_BHTS if probs_dropout is None else probs_dropout(probs_BHTS)
-
-
-def masked_attention(q_BTHD, k_NSD, v_NSD, mask_BTS, probs_dropout=None):
-    """Scaled dot-product attention over keys/values in rows [B*H, S, D] (`heads_to_rows`).
-
-    Scores and softmax in float32 whatever the inputs. The products take the key/value rows
-    exactly as stored: a key operand needing a transpose (q left in [B, T, H, D]: 4x slower
-    decode attention, measured) or even a reshape (it makes XLA duplicate the cache update
-    and copy the buffer every step) costs more than the attention itself."""
-    B, T, H, D = q_BTHD.shape
-    scores_NTS = jnp.einsum(
-        "NTD,NSD->NTS", heads_to_rows(q_BTHD), k_NSD, preferred_element_type=jnp.float32
-    ) * D**-0.5
-    probs_BHTS = masked_softmax(scores_NTS.reshape(B, H, T, -1), mask_BTS, probs_dropout)
-    out_NTD = jnp.einsum(
-        "NTS,NSD->NTD", probs_BHTS.reshape(B * H, T, -1).astype(v_NSD.dtype), v_NSD,
-        preferred_element_type=jnp.float32,
-    )
-    return rows_to_heads(out_NTD, B).astype(q_BTHD.dtype)
-
-
-def _cudnn_applies(dtype, head_dim: int) -> bool:
-    """cuDNN's fused attention: CUDA, half-precision inputs, head dim a multiple of 8 <= 128."""
-    return (jax.default_backend() == "gpu" and "cuda" in jax.devices()[0].client.platform_version
-            and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
-            and head_dim % 8 == 0 and head_dim <= 128)
-
-
-def uses_dot_product_attention(config: GPTConfig, dropout_active: bool = False) -> bool:
-    """Whether attention goes through `dot_product_attention` (config.attention_impl): always
-    under 'dot_product_attention', never under 'masked', and under 'auto' where cuDNN's kernel
-    applies and no attention dropout is active (it has none)."""
-    if config.attention_impl == "auto":
-        return not dropout_active and _cudnn_applies(config.dtype, config.head_dim)
-    return config.attention_impl == "dot_product_attention"
-
-
-def dot_product_attention(q_BTHD, k_BSHD, v_BSHD, mask_BTS=None):
-    """`masked_attention`'s result through `jax.nn.dot_product_attention`, with keys/values in
-    [B, S, H, D]: cuDNN's fused kernel where it applies, XLA's otherwise (scores and softmax in
-    float32 either way). mask_BTS None means causal over the same T positions, which cuDNN
-    runs without materializing a mask; a mask (a cache's) reaches cuDNN as an additive bias."""
-    dtype = jnp.promote_types(q_BTHD.dtype, k_BSHD.dtype)  # a cache may hold another dtype
-    out_BTHD = jax.nn.dot_product_attention(
-        q_BTHD.astype(dtype), k_BSHD.astype(dtype), v_BSHD.astype(dtype),
-        mask=None if mask_BTS is None else mask_BTS[:, None],
-        is_causal=mask_BTS is None,
-        implementation="cudnn" if _cudnn_applies(dtype, q_BTHD.shape[-1]) else "xla",
-    )
-    return out_BTHD.astype(q_BTHD.dtype)
-
-
-def causal_mask(q_positions_BT, num_keys: int):
-    """mask[b, t, s] = key position s <= query position (the buffer index is the position)."""
-    return jnp.arange(num_keys)[None, None, :] <= q_positions_BT[:, :, None]
-
-
-def _row_positions(lengths_B, heads: int, T: int):
-    """[B*H, T] positions of T new tokens of each row: lengths[b] + t."""
-    return jnp.repeat(lengths_B, heads)[:, None] + jnp.arange(T)[None, :]
-
-
-def _scatter_rows(buf_tree, new_tree, index_NT):
-    """buf[n, index[n, t]] = new[n, t] for every leaf pair ([N, S, ...] and [N, T, ...]);
-    in place inside jit/scan. Indices >= S are dropped: callers size the cache (generate does,
-    up front), and the window write drops on purpose."""
-    rows_N1 = jnp.arange(index_NT.shape[0])[:, None]
-    return jax.tree.map(
-        lambda buf, new: buf.at[rows_N1, index_NT].set(new.astype(buf.dtype), mode="drop"),
-        buf_tree, new_tree,
-    )
-
-
-def _write_rows(buf_NSD, new_BTHD, lengths_B):
-    """Scatter new_BTHD into buf[b*H + h, lengths[b] + t]."""
-    B, T, H, _ = new_BTHD.shape
-    return _scatter_rows(buf_NSD, heads_to_rows(new_BTHD), _row_positions(lengths_B, H, T))
-
-
-def _replace_at(items: tuple, i: int, item) -> tuple:
-    return items[:i] + (item,) + items[i + 1:]
-
-
-@struct.dataclass
-class KVCache:
-    """Full-precision cache. k, v: per layer [batch * head, max_len, head_dim] (row b*H + h);
-    lengths [batch]: tokens cached per batch row.
-
-    One buffer per layer, not one [layer, ...] stack: XLA on CPU copies a layer out of a
-    stack before the matmul that reads it, while a separate rank-3 buffer is updated and
-    read in place (124M decode step with 1024 cached tokens, together with the head-major
-    products of `masked_attention`: 29.1 -> 24.2 ms, best of 3 on a shared 2-core CPU)."""
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    lengths: jax.Array
-    dot_product: bool = struct.field(pytree_node=False, default=False)  # see attend
-
-    @property
-    def max_len(self) -> int:
-        return self.k[0].shape[1]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(x.nbytes for x in jax.tree_util.tree_leaves(self))
-
-    def write(self, layer: int, k_BTHD, v_BTHD) -> KVCache:
-        return self.replace(
-            k=_replace_at(self.k, layer, _write_rows(self.k[layer], k_BTHD, self.lengths)),
-            v=_replace_at(self.v, layer, _write_rows(self.v[layer], v_BTHD, self.lengths)),
-        )
-
-    def attend(self, layer: int, q_BTHD, q_positions_BT, k_BTHD=None, v_BTHD=None):
-        """The chunk's own k/v (the interface's last two arguments) are read back from the
-        buffers, where `write` put them exactly."""
-        mask_BTS = causal_mask(q_positions_BT, self.max_len)
-        if self.dot_product:  # it takes [B, S, H, D] only: the rows are copied to that
-            B = q_BTHD.shape[0]
-            return dot_product_attention(q_BTHD, rows_to_heads(self.k[layer], B),
-                                         rows_to_heads(self.v[layer], B), mask_BTS)
-        return masked_attention(q_BTHD, self.k[layer], self.v[layer], mask_BTS)
-
-    def advance(self, num_tokens: int) -> KVCache:
-        return self.replace(lengths=self.lengths + num_tokens)
-
-
-def _check_size(config: GPTConfig, batch: int, max_len: int) -> None:
-    if batch <= 0 or max_len <= 0:
-        raise ValueError(f"init_cache needs batch > 0 and max_len > 0, got {batch=}, {max_len=}")
-    if config.pos_embedding == "learned" and max_len > config.block_size:
-        raise ValueError(
-            f"max_len={max_len} exceeds block_size={config.block_size}: learned positions (wpe) "
-            f"have no embedding beyond it; use max_len <= {config.block_size}"
-        )
-
-
-def init_cache(config: GPTConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """Zeroed buffers for `batch` rows of up to `max_len` tokens each."""
-    _check_size(config, batch, max_len)
-    shape = (batch * config.n_head, max_len, config.head_dim)
-    # distinct buffers, not one shared: a caller may donate the cache to a jitted step
-    layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.n_layer))
-    return KVCache(k=layers(), v=layers(), lengths=jnp.zeros((batch,), jnp.int32),
-                   dot_product=uses_dot_product_attention(config))
-
-
-# ---------------------------------------------------------------------------- TurboQuant
 
 _EMPTY = jnp.iinfo(jnp.int32).max  # the position of an empty window slot: no query sees it
 
@@ -320,13 +136,13 @@ class TurboQuantCache:
             if perms:
                 perm = jnp.where(fresh_N11, _select_outliers(x_NTD, H, self.tq.outlier_select),
                                  perms[layer])
-                cache = cache.replace(**{name: _replace_at(perms, layer, perm)})
+                cache = cache.replace(**{name: replace_at(perms, layer, perm)})
         k_quantizer, v_quantizer = cache.quantizers(layer)
-        pos_NT = _row_positions(self.lengths, H, T)
-        new_k = _scatter_rows(self.k[layer], k_quantizer.quantize(k_NTD), pos_NT)
-        new_v = _scatter_rows(self.v[layer], v_quantizer.quantize(v_NTD), pos_NT)
-        cache = cache.replace(k=_replace_at(self.k, layer, new_k),
-                              v=_replace_at(self.v, layer, new_v))
+        pos_NT = row_positions(self.lengths, H, T)
+        new_k = scatter_rows(self.k[layer], k_quantizer.quantize(k_NTD), pos_NT)
+        new_v = scatter_rows(self.v[layer], v_quantizer.quantize(v_NTD), pos_NT)
+        cache = cache.replace(k=replace_at(self.k, layer, new_k),
+                              v=replace_at(self.v, layer, new_v))
         return cache if self.window_pos is None else cache._write_window(layer, k_BTHD, v_BTHD)
 
     def _write_window(self, layer: int, k_BTHD, v_BTHD) -> TurboQuantCache:
@@ -338,13 +154,13 @@ class TurboQuantCache:
         keep_BT = (jnp.arange(T)[None, :] >= T - W) & (pos_BT < self.max_len)
         slot_BT = jnp.where(keep_BT, pos_BT % W, W)
         slot_NT = jnp.repeat(slot_BT, H, axis=0)
-        put = lambda bufs, new_BTHD: _replace_at(
-            bufs, layer, _scatter_rows(bufs[layer], heads_to_rows(new_BTHD), slot_NT))
+        put = lambda bufs, new_BTHD: replace_at(
+            bufs, layer, scatter_rows(bufs[layer], heads_to_rows(new_BTHD), slot_NT))
         return self.replace(
             k_window=put(self.k_window, k_BTHD),
             v_window=put(self.v_window, v_BTHD),
             # every layer writes the same positions: rewriting them is a no-op
-            window_pos=_scatter_rows(self.window_pos, pos_BT, slot_BT),
+            window_pos=scatter_rows(self.window_pos, pos_BT, slot_BT),
         )
 
     def attend(self, layer: int, q_BTHD, q_positions_BT, k_BTHD, v_BTHD):
@@ -423,7 +239,7 @@ class TurboQuantCache:
         return self.replace(lengths=self.lengths + num_tokens)
 
 
-def _check_turboquant(tq_config, head_dim: int) -> None:
+def check_turboquant(tq_config, head_dim: int) -> None:
     if not isinstance(tq_config, TurboQuantConfig):
         raise ValueError(
             f"tq_config={tq_config!r} is invalid: pass a TurboQuantConfig, e.g. "
@@ -435,8 +251,8 @@ def init_turboquant_cache(config: GPTConfig, batch: int, max_len: int,
                           tq_config: TurboQuantConfig, dtype=jnp.float32) -> TurboQuantCache:
     """Zeroed codes for `batch` rows of up to `max_len` tokens each; the window (if any)
     holds min(tq_config.window, max_len) tokens in `dtype`."""
-    _check_size(config, batch, max_len)
-    _check_turboquant(tq_config, config.head_dim)
+    check_size(config, batch, max_len)
+    check_turboquant(tq_config, config.head_dim)
     N, D = batch * config.n_head, config.head_dim
     layers = [turboquant_quantizers(tq_config, D, i) for i in range(config.n_layer)]
     rows = jax.ShapeDtypeStruct((N, max_len, D), jnp.float32)
@@ -456,22 +272,3 @@ def init_turboquant_cache(config: GPTConfig, batch: int, max_len: int,
         k_perm=perms(tq_config.key_spec), v_perm=perms(tq_config.value_spec),
         tq=tq_config, head_dim=D,
     )
-
-
-def check_cache_kind(kind, config: GPTConfig) -> None:
-    """Raise a ValueError naming the fix unless `make_cache` accepts kind for config."""
-    if isinstance(kind, TurboQuantConfig):
-        _check_turboquant(kind, config.head_dim)
-    elif kind is not None and kind not in CACHE_DTYPES:
-        raise ValueError(
-            f"kv_cache={kind!r} is invalid: use None (float in the model's dtype), one of "
-            f"{CACHE_DTYPES}, or TurboQuantConfig(bits=...)")
-
-
-def make_cache(config: GPTConfig, batch: int, max_len: int, kind=None):
-    """kind None: `KVCache` in config.dtype; a name of CACHE_DTYPES: `KVCache` in it; a
-    TurboQuantConfig: `TurboQuantCache` (window in config.dtype)."""
-    check_cache_kind(kind, config)
-    if isinstance(kind, TurboQuantConfig):
-        return init_turboquant_cache(config, batch, max_len, kind, jnp.dtype(config.dtype))
-    return init_cache(config, batch, max_len, jnp.dtype(kind or config.dtype))

@@ -13,7 +13,7 @@ A ragged batch is prefilled right-padded; then each row's length is set to its o
 length, so decoding writes row b's next key at lengths[b] and the causal mask (key position
 <= query position) hides the pad that the prefill left behind it.
 
-`kv_cache` picks the cache kind (`kvcache.make_cache`): None (float in the model's dtype),
+`kv_cache` picks the cache kind (`cache.make_cache`): None (float in the model's dtype),
 "float32" / "bfloat16" / "float16", or a `TurboQuantConfig` (keys and values stored as
 TurboQuant codes). It is static: each kind is its own program, the decode scan the same.
 """
@@ -28,8 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt2jax.cache import check_cache_kind, make_cache
 from gpt2jax.config import GPTConfig
-from gpt2jax.kvcache import check_cache_kind, make_cache
 from gpt2jax.model import apply
 
 MIN_BUCKET = 16
