@@ -1,8 +1,9 @@
 """Hugging Face GPT-2 checkpoints in and out.
 
-HF's Conv1D stores kernels (in, out), our layout too: conversion is a rename plus stacking
-the per-layer tensors on a leading axis. Every expected tensor is consumed and
-shape-checked; anything left over is an error, not a silent partial load.
+HF's Conv1D stores kernels (in, out), our layout too, and our paths are its names: conversion
+is a rename (`h/0/attn/c_attn/kernel` <-> `h.0.attn.c_attn.weight`), from the param spec.
+Every expected tensor is consumed and shape-checked; anything left over is an error, not a
+silent partial load.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt2jax import model
 from gpt2jax._files import write_atomically
 from gpt2jax.config import GPTConfig
 
@@ -24,21 +26,8 @@ HUB_NAMES = {
 }
 # Non-parameter buffers of older checkpoints (the causal mask), not weights.
 _BUFFER_SUFFIXES = (".attn.bias", ".attn.masked_bias")
-# (our path under h/, HF name under h.{i}.)
-_LAYER_TENSORS = (
-    (("ln_1", "scale"), "ln_1.weight"),
-    (("ln_1", "bias"), "ln_1.bias"),
-    (("attn", "c_attn", "kernel"), "attn.c_attn.weight"),
-    (("attn", "c_attn", "bias"), "attn.c_attn.bias"),
-    (("attn", "c_proj", "kernel"), "attn.c_proj.weight"),
-    (("attn", "c_proj", "bias"), "attn.c_proj.bias"),
-    (("ln_2", "scale"), "ln_2.weight"),
-    (("ln_2", "bias"), "ln_2.bias"),
-    (("mlp", "c_fc", "kernel"), "mlp.c_fc.weight"),
-    (("mlp", "c_fc", "bias"), "mlp.c_fc.bias"),
-    (("mlp", "c_proj", "kernel"), "mlp.c_proj.weight"),
-    (("mlp", "c_proj", "bias"), "mlp.c_proj.bias"),
-)
+# HF's name for the leaf a path ends in: every matrix and gain is a `weight`
+_HF_LEAF = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
 
 
 # ---------------------------------------------------------------------------- config
@@ -102,22 +91,18 @@ def config_to_hf(config: GPTConfig) -> dict:
 # ---------------------------------------------------------------------------- tensors
 
 
-def _expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
-    D, V = config.n_embd, config.vocab_size
-    per_layer = {
-        "ln_1.weight": (D,), "ln_1.bias": (D,), "ln_2.weight": (D,), "ln_2.bias": (D,),
-        "attn.c_attn.weight": (D, 3 * D), "attn.c_attn.bias": (3 * D,),
-        "attn.c_proj.weight": (D, D), "attn.c_proj.bias": (D,),
-        "mlp.c_fc.weight": (D, 4 * D), "mlp.c_fc.bias": (4 * D,),
-        "mlp.c_proj.weight": (4 * D, D), "mlp.c_proj.bias": (D,),
-    }
-    shapes = {"wte.weight": (V, D), "wpe.weight": (config.block_size, D),
-              "ln_f.weight": (D,), "ln_f.bias": (D,)}
-    for i in range(config.n_layer):
-        shapes.update({f"h.{i}.{k}": s for k, s in per_layer.items()})
-    if not config.tie_embeddings:
-        shapes["lm_head.weight"] = (V, D)
-    return shapes
+def _hf_tensors(config: GPTConfig) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """HF tensor name (no `transformer.` prefix) -> (our path, HF's shape), from the param
+    spec: a rename, `h/0/attn/c_attn/kernel` <-> `h.0.attn.c_attn.weight`; the untied head
+    alone is stored transposed (nn.Linear's (out, in))."""
+    tensors = {}
+    for path, leaf in model.param_spec(config).items():
+        if leaf.role == "head":
+            tensors["lm_head.weight"] = (path, leaf.shape[::-1])
+            continue
+        *module, name = path.split("/")
+        tensors[".".join([*module, _HF_LEAF[name]])] = (path, leaf.shape)
+    return tensors
 
 
 def params_from_state_dict(config: GPTConfig, tensors: dict[str, np.ndarray]) -> dict:
@@ -130,7 +115,7 @@ def params_from_state_dict(config: GPTConfig, tensors: dict[str, np.ndarray]) ->
         named[name] = value
     if config.tie_embeddings:
         named.pop("lm_head.weight", None)  # tied: the same tensor as wte
-    expected = _expected_shapes(config)
+    expected = _hf_tensors(config)
     missing = sorted(set(expected) - set(named))
     unexpected = sorted(set(named) - set(expected))
     if missing or unexpected:
@@ -139,59 +124,40 @@ def params_from_state_dict(config: GPTConfig, tensors: dict[str, np.ndarray]) ->
             f"n_embd={config.n_embd}, tied={config.tie_embeddings}): missing {missing[:8]}"
             f"{'...' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
         )
-    for name, shape in expected.items():
+    for name, (_, shape) in expected.items():
         if tuple(named[name].shape) != shape:
             raise ValueError(
                 f"tensor {name} has shape {tuple(named[name].shape)}, expected {shape}"
             )
     dtype = np.dtype(config.param_dtype) if config.param_dtype != "bfloat16" else np.float32
-
-    def get(name):
-        return np.asarray(named[name], dtype=dtype)
-
-    layers: dict = {}
-    for i in range(config.n_layer):
-        for path, hf_name in _LAYER_TENSORS:
-            node = layers.setdefault(str(i), {})
-            for key in path[:-1]:
-                node = node.setdefault(key, {})
-            node[path[-1]] = get(f"h.{i}.{hf_name}")
-    params = {
-        "wte": {"embedding": get("wte.weight")},
-        "wpe": {"embedding": get("wpe.weight")},
-        "h": layers,
-        "ln_f": {"scale": get("ln_f.weight"), "bias": get("ln_f.bias")},
-    }
-    if not config.tie_embeddings:
-        params["lm_head"] = get("lm_head.weight").T
+    params: dict = {}
+    for name, (path, _) in expected.items():
+        value = np.asarray(named[name], dtype=dtype)
+        *parents, leaf = path.split("/")
+        node = params
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value.T if name == "lm_head.weight" else value
     return params
 
 
 def params_to_state_dict(config: GPTConfig, params) -> dict[str, np.ndarray]:
-    """HF tensor names (GPT2LMHeadModel's, `transformer.` prefix) from our param tree."""
+    """HF tensor names (GPT2LMHeadModel's: `transformer.` prefix, but `lm_head`) from our
+    param tree."""
     config_to_hf(config)  # raises for configs GPT-2 cannot express
-
-    def arr(x):
-        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    out = {}
+    for name, (path, _) in _hf_tensors(config).items():
+        node = params
+        for key in path.split("/"):
+            node = node[key]
+        if not hasattr(node, "shape") or not hasattr(node, "dtype"):
             raise ValueError(
-                f"cannot export a {type(x).__name__} leaf: dequantize / merge adapters first"
+                f"cannot export a {type(node).__name__} leaf: dequantize / merge adapters first"
             )
-        return np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-
-    out = {
-        "transformer.wte.weight": arr(params["wte"]["embedding"]),
-        "transformer.wpe.weight": arr(params["wpe"]["embedding"]),
-        "transformer.ln_f.weight": arr(params["ln_f"]["scale"]),
-        "transformer.ln_f.bias": arr(params["ln_f"]["bias"]),
-    }
-    for i in range(config.n_layer):
-        for path, hf_name in _LAYER_TENSORS:
-            node = params["h"][str(i)]
-            for key in path:
-                node = node[key]
-            out[f"transformer.h.{i}.{hf_name}"] = arr(node)
-    if not config.tie_embeddings:
-        out["lm_head.weight"] = np.ascontiguousarray(arr(params["lm_head"]).T)
+        value = np.asarray(node, dtype=np.float32)
+        head = name == "lm_head.weight"
+        out[name if head else f"transformer.{name}"] = np.ascontiguousarray(
+            value.T if head else value)
     return out
 
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gpt2jax import lora as lora_lib
+from gpt2jax import params as params_lib
 from gpt2jax import positions as pos_lib
 from gpt2jax.attention import (
     causal_mask,
@@ -92,28 +92,38 @@ class Embed(nn.Module):
 
 
 class Linear(nn.Module):
-    """y = x @ kernel (+ bias). Kernel (in, out) in param_dtype, matmul in the compute dtype."""
+    """y = dense(x, kernel) + adapter(x) + bias. The kernel (in, out) is float or int8
+    (`int8.matmul` dispatches on the kind); the adapter is a LoRA pair {a, b} when the 'lora'
+    collection holds one for this module, its input dropped at rate `adapter_dropout` while
+    training (peft's `lora_B(lora_A(dropout(x)))`: the frozen path sees the whole x)."""
 
     features: int
     config: GPTConfig
     kernel_init: Callable = nn.initializers.normal(0.02)
     use_bias: bool = True
+    deterministic: bool = True
+    adapter_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
                         _dtype(c.param_dtype))
-        y = int8.matmul(x, kernel, c.dtype)  # float or int8 (QTensor) kernel
-        if self.is_mutable_collection("calibration"):  # SmoothQuant (gpt2jax.quantize.calibrate)
-            absmax_D = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 1)))
-            self.sow("calibration", "input_absmax", absmax_D,
-                     init_fn=lambda: jnp.zeros((), jnp.float32), reduce_fn=jnp.maximum)
-        y = lora_lib.add_adapter_outputs(self, x, y)  # no-op without a 'lora' collection
+        y = int8.matmul(x, kernel, c.dtype)
+        if self.has_variable("lora", "a"):
+            y = y + self.adapter(x, y.dtype)
         if self.use_bias and c.bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), c.param_dtype)
             y = y + bias.astype(c.dtype)
         return y
+
+    def adapter(self, x, dtype):
+        a, b = (self.get_variable("lora", name).astype(dtype) for name in ("a", "b"))
+        if self.adapter_dropout > 0 and not self.deterministic:
+            keep = 1.0 - self.adapter_dropout
+            kept = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
+            x = jnp.where(kept, x / keep, 0.0)
+        return (x.astype(dtype) @ a) @ b
 
 
 class Norm(nn.Module):
@@ -161,6 +171,7 @@ def _residual_init(c: GPTConfig) -> Callable:
 class Attention(nn.Module):
     config: GPTConfig
     deterministic: bool = True
+    adapter_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x_BTD, positions_BT, layer, cache):
@@ -170,7 +181,9 @@ class Attention(nn.Module):
             qkv_init = xavier_normal(1.0, 1.0, deepnorm_constants(c.n_layer)[1])
         else:
             qkv_init = _scaled_normal(c.init_std)
-        qkv = Linear(3 * D, c, qkv_init, name="c_attn")(x_BTD)
+        linear = functools.partial(Linear, config=c, deterministic=self.deterministic,
+                                   adapter_dropout=self.adapter_dropout)
+        qkv = linear(3 * D, kernel_init=qkv_init, name="c_attn")(x_BTD)
         q_BTHD, k_BTHD, v_BTHD = (
             a.reshape(B, T, c.n_head, c.head_dim) for a in jnp.split(qkv, 3, axis=-1)
         )
@@ -193,22 +206,25 @@ class Attention(nn.Module):
         else:
             cache = cache.write(layer, k_BTHD, v_BTHD)
             out_BTHD = cache.attend(layer, q_BTHD, positions_BT, k_BTHD, v_BTHD)
-        y = Linear(D, c, _residual_init(c), name="c_proj")(out_BTHD.reshape(B, T, D))
+        y = linear(D, kernel_init=_residual_init(c), name="c_proj")(out_BTHD.reshape(B, T, D))
         return nn.Dropout(c.dropout, deterministic=self.deterministic)(y), cache
 
 
 class MLP(nn.Module):
     config: GPTConfig
     deterministic: bool = True
+    adapter_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x):
         c = self.config
         fc_init = (xavier_normal(deepnorm_constants(c.n_layer)[1])
                    if c.norm_placement == "deepnorm" else _scaled_normal(c.init_std))
-        h = Linear(4 * c.n_embd, c, fc_init, name="c_fc")(x)
+        linear = functools.partial(Linear, config=c, deterministic=self.deterministic,
+                                   adapter_dropout=self.adapter_dropout)
+        h = linear(4 * c.n_embd, kernel_init=fc_init, name="c_fc")(x)
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's gelu_new (tanh approximation)
-        y = Linear(c.n_embd, c, _residual_init(c), name="c_proj")(h)
+        y = linear(c.n_embd, kernel_init=_residual_init(c), name="c_proj")(h)
         return nn.Dropout(c.dropout, deterministic=self.deterministic)(y)
 
 
@@ -217,12 +233,13 @@ class Block(nn.Module):
 
     config: GPTConfig
     deterministic: bool = True
+    adapter_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x, positions_BT, layer: int, cache):
         c = self.config
-        attn = Attention(c, self.deterministic, name="attn")
-        mlp = MLP(c, self.deterministic, name="mlp")
+        attn = Attention(c, self.deterministic, self.adapter_dropout, name="attn")
+        mlp = MLP(c, self.deterministic, self.adapter_dropout, name="mlp")
         ln_1, ln_2 = Norm(c, name="ln_1"), Norm(c, name="ln_2")
         if c.norm_placement == "pre":  # GPT-2: normalize each sublayer's input
             h, cache = attn(ln_1(x), positions_BT, layer, cache)
@@ -245,21 +262,24 @@ class Layers(nn.Module):
 
     config: GPTConfig
     deterministic: bool = True
+    adapter_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x, positions_BT, cache):
         for i in range(self.config.n_layer):
-            x, cache = Block(self.config, self.deterministic, name=str(i))(
+            x, cache = Block(self.config, self.deterministic, self.adapter_dropout, name=str(i))(
                 x, positions_BT, i, cache)
         return x, cache
 
 
 class GPT(nn.Module):
-    """`hidden_only`: return ((final hidden states, head [V, D]), cache) instead of logits."""
+    """`hidden_only`: return ((final hidden states, head [V, D]), cache) instead of logits.
+    `adapter_dropout`: LoRA's dropout on the adapters' inputs while training."""
 
     config: GPTConfig
     deterministic: bool = True
     hidden_only: bool = False
+    adapter_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, tokens_BT, positions_BT=None, cache=None, logits_at_BK=None):
@@ -281,7 +301,8 @@ class GPT(nn.Module):
         x = self.perturb("embeddings", x)
         x = nn.Dropout(c.dropout, deterministic=self.deterministic)(x)
 
-        x, cache = Layers(c, self.deterministic, name="h")(x, positions_BT, cache)
+        x, cache = Layers(c, self.deterministic, self.adapter_dropout, name="h")(
+            x, positions_BT, cache)
 
         if logits_at_BK is not None:  # decoding needs one position per row, not all T x V
             x = jnp.take_along_axis(x, logits_at_BK[:, :, None], axis=1)
@@ -364,7 +385,7 @@ def forward(
         raise ValueError("forward(deterministic=False) with dropout > 0 (the model's or the "
                          "adapters') needs rng=<PRNG key>")
     if lora is not None:
-        lora_lib.check_compatible(lora, config)
+        lora.check_compatible(config)
     return _forward(params, tokens, positions, cache, rng, lora, config, deterministic)
 
 
@@ -386,29 +407,36 @@ def apply(params, tokens, config: GPTConfig, *, positions=None, cache=None,
     `gpt2jax.loss.head_cross_entropy`."""
     rngs = {"dropout": rng} if rng is not None else {}
     variables = {"params": params, **(variables or {})}
+    adapter_dropout = 0.0
     if lora is not None:
-        variables["lora"] = lora.layer_tree(training=not deterministic)
-    return GPT(config, deterministic, hidden_only).apply(
+        variables["lora"] = lora.layer_tree()
+        adapter_dropout = lora.config.dropout
+    return GPT(config, deterministic, hidden_only, adapter_dropout).apply(
         variables, tokens, positions, cache, logits_at, rngs=rngs
     )
 
 
+@functools.cache
+def param_spec(config: GPTConfig) -> dict[str, params_lib.Leaf]:
+    """Every param path of `config`'s tree -> its role, shape, module and layer
+    (`gpt2jax.params`), from the shapes alone (nothing is allocated)."""
+    return params_lib.describe(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+
+
 def param_breakdown(config: GPTConfig) -> dict[str, int]:
-    """Parameter counts by role, from the shapes alone (nothing is allocated)."""
-    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
-    size = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
-    layers = list(shapes["h"].values())
-    of_layers = lambda *names: sum(size(layer[n]) for layer in layers for n in names)
+    """Parameter counts by what they do, from the param spec."""
+    spec = param_spec(config).values()
+    count = lambda keep: sum(int(np.prod(leaf.shape)) for leaf in spec if keep(leaf))
     counts = {
-        "token_embedding": size(shapes["wte"]),
-        "position_embedding": size(shapes.get("wpe", {})),
-        "attention": of_layers("attn"),
-        "mlp": of_layers("mlp"),
-        "norms": of_layers("ln_1", "ln_2") + size(shapes.get("ln_f", {})),
-        "lm_head": size(shapes.get("lm_head", {})),
+        "token_embedding": count(lambda leaf: leaf.module == "wte"),
+        "position_embedding": count(lambda leaf: leaf.module == "wpe"),
+        "attention": count(lambda leaf: leaf.module.startswith("attn.")),
+        "mlp": count(lambda leaf: leaf.module.startswith("mlp.")),
+        "norms": count(lambda leaf: leaf.role == "norm"),
+        "lm_head": count(lambda leaf: leaf.role == "head"),
     }
-    counts["per_block"] = size(shapes["h"]) // config.n_layer
-    counts["total"] = size(shapes)
+    counts["per_block"] = count(lambda leaf: leaf.layer is not None) // config.n_layer
+    counts["total"] = count(lambda leaf: True)
     embeddings = counts["token_embedding"] + counts["position_embedding"] + counts["lm_head"]
     counts["embedding_share_pct"] = 100.0 * embeddings / counts["total"]
     return counts

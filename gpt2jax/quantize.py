@@ -17,6 +17,7 @@ import functools
 import sys
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,16 +41,27 @@ def calibrate(params, config: GPTConfig, tokens_BT) -> dict:
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)
     check_tokens(tokens_BT, config)  # a token past the vocabulary would calibrate garbage
     absmax = _calibrate(params, tokens_BT, config)
-    layers = [absmax["calibration"]["h"][str(i)] for i in range(config.n_layer)]
-    return {"c_attn": jnp.stack([h["attn"]["c_attn"]["input_absmax"] for h in layers]),
-            "c_fc": jnp.stack([h["mlp"]["c_fc"]["input_absmax"] for h in layers])}
+    return {name: jnp.stack([absmax[f"h/{i}/{module}"] for i in range(config.n_layer)])
+            for name, module in (("c_attn", "attn/c_attn"), ("c_fc", "mlp/c_fc"))}
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _calibrate(params, tokens_BT, config):
-    from gpt2jax.model import GPT  # model imports quant; this module sits above both
+    """{'h/0/attn/c_attn': max |input| per channel [D], ...} of every Linear, observed by
+    intercepting the Linears' calls (the model itself has no calibration branch)."""
+    from gpt2jax.model import GPT, Linear  # model imports quant; this module sits above both
 
-    return GPT(config).apply({"params": params}, tokens_BT, mutable=["calibration"])[1]
+    absmax = {}
+
+    def observe(call, args, kwargs, context):
+        if isinstance(context.module, Linear) and context.method_name == "__call__":
+            x = args[0].astype(jnp.float32)
+            absmax["/".join(context.module.path)] = jnp.max(jnp.abs(x), tuple(range(x.ndim - 1)))
+        return call(*args, **kwargs)
+
+    with nn.intercept_methods(observe):
+        GPT(config).apply({"params": params}, tokens_BT)
+    return absmax
 
 
 def smoothquant(params, config: GPTConfig, tokens, alpha: float = 0.5):

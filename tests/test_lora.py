@@ -189,29 +189,29 @@ def test_dropout_is_training_only_and_zero_is_no_dropout(base_params):
 def test_dropout_masks_the_adapter_input_only_and_is_unbiased():
     """One Linear (c_fc of layer 0): over n masks the adapter output's mean is the
     no-dropout output within 5 standard errors per entry; the frozen x @ K never sees a
-    mask (with B = 0 the training output is exactly x @ K)."""
+    mask (with B = 0 the training output is exactly x @ K); dropout is the Linear's argument,
+    off when deterministic."""
     from gpt2jax.model import Linear
 
     p, n = 0.3, 4000
-    adapters = _with_dropout(_randomize_b(lora.init(lora.LoRAConfig(4, 16, ("c_fc",)), BASE,
-                                                    jax.random.key(8)), std=0.2), p)
-    layer0 = lambda tree: tree["h"]["0"]["mlp"]["c_fc"]
+    adapters = _randomize_b(lora.init(lora.LoRAConfig(4, 16, ("c_fc",)), BASE,
+                                      jax.random.key(8)), std=0.2)
+    layer0 = lambda adapters: adapters.layer_tree()["h"]["0"]["mlp"]["c_fc"]
     k_x, k_w, k_masks = jax.random.split(jax.random.key(9), 3)
     x = jax.random.normal(k_x, (6, BASE.n_embd))
     kernel = 0.1 * jax.random.normal(k_w, (BASE.n_embd, 4 * BASE.n_embd))
-    linear = Linear(4 * BASE.n_embd, BASE, use_bias=False)
+    linear = Linear(4 * BASE.n_embd, BASE, use_bias=False, deterministic=False,
+                    adapter_dropout=p)
 
-    def outputs(adapters):
-        lora_vars = layer0(adapters.layer_tree(training=True))
-        assert float(lora_vars["keep"]) == pytest.approx(1 - p)
-        run = lambda key: linear.apply({"params": {"kernel": kernel}, "lora": lora_vars}, x,
-                                       rngs={"dropout": key})
+    def outputs(adapters, linear=linear):
+        run = lambda key: linear.apply({"params": {"kernel": kernel}, "lora": layer0(adapters)},
+                                       x, rngs={"dropout": key})
         return jax.vmap(run)(jax.random.split(k_masks, n))
 
     frozen = x @ kernel
     no_b = adapters.replace(tree=jax.tree.map(jnp.zeros_like, adapters.tree))
     np.testing.assert_array_equal(outputs(no_b)[0], frozen)
-    w = layer0(adapters.layer_tree())
+    w = layer0(adapters)
     w = w["a"] @ w["b"]  # s·A·B [in, out]
     delta = outputs(adapters) - frozen
     expected = x @ w
@@ -219,6 +219,8 @@ def test_dropout_masks_the_adapter_input_only_and_is_unbiased():
     assert not np.allclose(delta[0], expected, atol=1e-3)  # one mask does drop
     z = np.abs(delta.mean(0) - expected) / std_error
     assert z.max() < 5 and 0.5 < z.mean() < 1.1, (z.max(), z.mean())  # E|N(0,1)| = 0.80
+    evaluating = outputs(adapters, linear.clone(deterministic=True))
+    np.testing.assert_allclose(evaluating[0], frozen + expected, rtol=1e-5, atol=1e-6)
 
 
 def test_gradients_reach_a_and_b_through_dropout(base_params):

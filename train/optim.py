@@ -15,25 +15,23 @@ import math
 import jax
 import optax
 
-from gpt2jax.lora import FACTOR_NAMES
-
-# Leaves that are matrices in the math (matmul kernels, the embedding tables, an untied
-# head, LoRA's A and B factors). Decided by name, not ndim: the scanned layers stack norm
-# scales as [L, D], which are 2-D arrays but still per-channel gains.
-_DECAYED_LEAVES = ("kernel", "embedding", "lm_head", *FACTOR_NAMES)
+from gpt2jax import lora
+from gpt2jax import params as params_lib
 
 
-def decay_mask(params) -> dict:
-    """True where weight decay applies: matmul kernels, embeddings and LoRA factors (decay
-    pulls an adapter toward the base); False for norm scales/biases and linear biases.
-    Decaying a norm gain pulls it toward 0, which shrinks the signal rather than
-    regularizing a function; biases are too few to overfit with and GPT-2/nanoGPT leave
-    them out too."""
+def decay_mask(tree) -> dict:
+    """True where weight decay applies: the param spec's matrices (kernels, embeddings, an
+    untied head) and LoRA's factors (decay pulls an adapter toward the base); False for norm
+    gains and biases and for Linear biases. Decaying a norm gain pulls it toward 0, which
+    shrinks the signal rather than regularizing a function; biases are too few to overfit
+    with and GPT-2/nanoGPT leave them out too."""
 
     def is_decayed(path, _):
-        return getattr(path[-1], "key", None) in _DECAYED_LEAVES
+        if params_lib.keys(path)[-1] in lora.FACTOR_NAMES:  # an adapter tree's A or B
+            return True
+        return params_lib.role(path) in ("kernel", "embedding", "head")
 
-    return jax.tree_util.tree_map_with_path(is_decayed, params)
+    return jax.tree_util.tree_map_with_path(is_decayed, tree)
 
 
 def make_optimizer(*, weight_decay: float, beta1: float = 0.9, beta2: float = 0.95,

@@ -34,8 +34,8 @@ TARGETS = {
     "mlp.c_proj": (("h", "mlp", "c_proj"), ("",)),
 }
 # the output columns each slot writes, as thirds of the fused qkv output (or all of it)
-_SLOT_THIRDS = {"": None, "q_": 0, "v_": 2}
-FACTOR_NAMES = tuple(slot + factor for slot in _SLOT_THIRDS for factor in "ab")  # leaf names
+SLOTS = ("", "q_", "v_")  # a whole module, or c_attn's q and v thirds
+FACTOR_NAMES = tuple(slot + factor for slot in SLOTS for factor in "ab")  # leaf names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,23 +87,43 @@ class Adapters:
     config: LoRAConfig = struct.field(pytree_node=False)
     base: GPTConfig = struct.field(pytree_node=False)
 
-    def layer_tree(self, training: bool = False) -> dict:
-        """What the model's 'lora' collection holds: the tree per layer (`h/i/attn/...`, as
-        the params), every B multiplied by the scale, `(x A) (s B)`. In training with dropout
-        each adapted module also gets `keep` = 1 - dropout, the chance that
-        `add_adapter_outputs` keeps an entry of the module's input.
+    def layer_tree(self) -> dict:
+        """What the model's 'lora' collection holds: per layer, as the params
+        (`h/i/attn/c_attn`), one pair {a [in, r'], b [r', out]} for each adapted Linear, b
+        multiplied by the scale: the model adds `(x a) b` (`fused_factors`).
 
         Scaling B inside the jitted function gives B the gradient of `s (x A) B` exactly."""
-        s = self.config.scale
-        tree = jax.tree_util.tree_map_with_path(
-            lambda path, x: x * s if str(path[-1].key).endswith("b") else x, self.tree
-        )
-        if training and self.config.dropout > 0:
-            for target in self.config.targets:
-                node = node_at(tree, TARGETS[target][0])
-                node["keep"] = jnp.full((self.base.n_layer,), 1.0 - self.config.dropout)
-        layer = lambda i: jax.tree.map(lambda x: x[i], tree["h"])
-        return {**tree, "h": {str(i): layer(i) for i in range(self.base.n_layer)}}
+        stacked: dict = {}
+        for target in self.config.targets:
+            module, _ = TARGETS[target]
+            a, b = fused_factors(node_at(self.tree, module))
+            node_at(stacked, module, create=True).update(a=a, b=self.config.scale * b)
+        layer = lambda i: jax.tree.map(lambda x: x[i], stacked["h"])
+        return {"h": {str(i): layer(i) for i in range(self.base.n_layer)}}
+
+    def check_compatible(self, config: GPTConfig) -> None:
+        """ValueError naming the differing fields unless these adapters were made for config."""
+        if self.base != config:
+            diff = {f.name: (getattr(self.base, f.name), getattr(config, f.name))
+                    for f in dataclasses.fields(config)
+                    if getattr(self.base, f.name) != getattr(config, f.name)}
+            raise ValueError(
+                f"these adapters were made for another base model (adapter base vs model: "
+                f"{diff}): use the base model they were trained on")
+
+
+def fused_factors(node: dict):
+    """(A [L, in, r'], B [L, r', out]) of one adapted module: its own pair, or the q/v pair
+    of `c_attn.qv` as one rank-2r pair, A' = [A_q | A_v] and B' block-structured so that it
+    writes q's and v's thirds only (zero on k's): x A' B' = [x A_q B_q, 0, x A_v B_v]."""
+    if "a" in node:
+        return node["a"], node["b"]
+    a = jnp.concatenate([node["q_a"], node["v_a"]], axis=-1)
+    (L, r, D), dtype = node["q_b"].shape, node["q_b"].dtype
+    zeros = jnp.zeros((L, r, D), dtype)
+    b = jnp.concatenate([jnp.concatenate([node["q_b"], zeros, zeros], -1),
+                         jnp.concatenate([zeros, zeros, node["v_b"]], -1)], axis=1)
+    return a, b
 
 
 def node_at(tree: dict, module: tuple[str, ...], create: bool = False) -> dict:
@@ -114,13 +134,12 @@ def node_at(tree: dict, module: tuple[str, ...], create: bool = False) -> dict:
 
 
 def slot_shapes(config: GPTConfig, module: tuple[str, ...], slot: str, rank: int):
-    D = config.n_embd
-    d_in, d_out = {
-        "c_attn": (D, 3 * D), "c_proj": (D, D) if module[1] == "attn" else (4 * D, D),
-        "c_fc": (D, 4 * D),
-    }[module[-1]]
+    """(A's shape [L, in, r], B's [L, r, out]) of one slot, from the param spec's kernel."""
+    from gpt2jax.model import param_spec  # the model sits below; asked once per config
+
+    d_in, d_out = param_spec(config)["/".join((module[0], "0", *module[1:], "kernel"))].shape
     if slot:
-        d_out = D  # one third of the fused qkv output
+        d_out //= 3  # one third of the fused qkv output
     if rank > min(d_in, d_out):
         raise ValueError(
             f"LoRA rank={rank} exceeds min(d_in, d_out)={min(d_in, d_out)} of "
@@ -144,17 +163,6 @@ def init(lora_config: LoRAConfig, config: GPTConfig, key: jax.Array) -> Adapters
     return Adapters(tree=tree, config=lora_config, base=config)
 
 
-def check_compatible(adapters: Adapters, config: GPTConfig) -> None:
-    if adapters.base != config:
-        diff = {f.name: (getattr(adapters.base, f.name), getattr(config, f.name))
-                for f in dataclasses.fields(config)
-                if getattr(adapters.base, f.name) != getattr(config, f.name)}
-        raise ValueError(
-            f"these adapters were made for another base model (adapter base vs model: {diff}): "
-            f"use the base model they were trained on"
-        )
-
-
 def count(adapters: Adapters, params=None) -> dict[str, float]:
     """Trainable adapter parameters, and their share of all parameters when params are given."""
     n = sum(x.size for x in jax.tree_util.tree_leaves(adapters.tree))
@@ -165,71 +173,37 @@ def count(adapters: Adapters, params=None) -> dict[str, float]:
     return out
 
 
-# ---------------------------------------------------------------------------- model hook
-
-
-def add_adapter_outputs(module, x, y):
-    """y + x A (sB) for each adapter slot `module` (a Linear) holds in the 'lora' collection.
-
-    With a `keep` probability there (training with adapter dropout, `layer_tree`), x loses
-    entries first, rescaled by 1/keep: peft's `lora_B(lora_A(dropout(x)))`, one mask per
-    module shared by its slots; y, the frozen path, has already seen the whole x."""
-    if module.has_variable("lora", "keep"):
-        keep = module.get_variable("lora", "keep")
-        kept = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
-        x = jnp.where(kept, x / keep, 0.0)
-    for slot, third in _SLOT_THIRDS.items():
-        if not module.has_variable("lora", slot + "a"):
-            continue
-        a = module.get_variable("lora", slot + "a").astype(y.dtype)
-        b = module.get_variable("lora", slot + "b").astype(y.dtype)
-        delta = (x.astype(y.dtype) @ a) @ b
-        if third is None:
-            y = y + delta
-        else:
-            width = y.shape[-1] // 3
-            y = y.at[..., third * width:(third + 1) * width].add(delta)
-    return y
-
-
 # ---------------------------------------------------------------------------- merge
 
 
 def _kernel_deltas(adapters: Adapters):
-    """(module path, column slice, ΔK [L, in, cols]) for every adapter slot."""
-    s = adapters.config.scale
+    """(module path, ΔK = s·A·B [L, in, out]) for every adapted module."""
     for target in adapters.config.targets:
-        module, slots = TARGETS[target]
-        node = node_at(adapters.tree, module)
-        for slot in slots:
-            delta = s * jnp.einsum("lir,lro->lio", node[slot + "a"], node[slot + "b"])
-            third = _SLOT_THIRDS[slot]
-            width = delta.shape[-1]
-            cols = slice(None) if third is None else slice(third * width, (third + 1) * width)
-            yield module, cols, delta
+        module, _ = TARGETS[target]
+        a, b = fused_factors(node_at(adapters.tree, module))
+        yield module, adapters.config.scale * jnp.einsum("lir,lro->lio", a, b)
 
 
 def delta_norm(adapters: Adapters) -> float:
     """‖s·A·B‖_F over every adapted kernel and layer: how far the adapters moved the model."""
     return float(jnp.sqrt(sum(jnp.sum(d.astype(jnp.float32) ** 2)
-                              for _, _, d in _kernel_deltas(adapters))))
+                              for _, d in _kernel_deltas(adapters))))
 
 
-def _add_to_kernel(kernel, cols: slice, delta, requantize: bool | None, where: str):
-    """kernel[..., cols] + delta; an int8 kernel is dequantized first, then quantized again
-    (same granularity and mode) or left float as `requantize` says."""
-    width = len(range(*cols.indices(kernel.shape[-1])))
-    if (*kernel.shape[:-1], width) != delta.shape:
+def _add_to_kernel(kernel, delta, requantize: bool | None, where: str):
+    """kernel + delta; an int8 kernel is dequantized first, then quantized again (same
+    granularity and mode) or left float as `requantize` says."""
+    if tuple(kernel.shape) != delta.shape:
         raise ValueError(
             f"{where}: adapter delta {tuple(delta.shape)} does not fit the kernel "
             f"{tuple(kernel.shape)}: merge into the base the adapters were made for")
     if not isinstance(kernel, int8.QTensor):  # jnp.asarray: hf.load gives numpy arrays
-        return jnp.asarray(kernel).at[..., cols].add(delta)
+        return jnp.asarray(kernel) + delta
     if requantize is None:
         raise ValueError(
             f"{where} is int8: pass requantize=True to round the merged kernel to int8 again "
             f"(int8 size, int8 error) or requantize=False to keep it float32 (exact, 4x bytes)")
-    merged = jnp.asarray(kernel.dequantize()).at[..., cols].add(delta)
+    merged = jnp.asarray(kernel.dequantize()) + delta
     if not requantize:
         return merged
     return int8.requantize_like(kernel, merged)
@@ -237,10 +211,10 @@ def _add_to_kernel(kernel, cols: slice, delta, requantize: bool | None, where: s
 
 def _apply_deltas(params, adapters: Adapters, sign: float, requantize: bool | None):
     out = jax.tree_util.tree_map(lambda x: x, params)  # new dict nodes, shared leaves
-    for module, cols, delta in _kernel_deltas(adapters):
+    for module, delta in _kernel_deltas(adapters):
         for i in range(adapters.base.n_layer):
             node = node_at(out["h"][str(i)], module[1:])
-            node["kernel"] = _add_to_kernel(node["kernel"], cols, sign * delta[i], requantize,
+            node["kernel"] = _add_to_kernel(node["kernel"], sign * delta[i], requantize,
                                             "/".join(("h", str(i), *module[1:])))
     return out
 

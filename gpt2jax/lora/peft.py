@@ -16,7 +16,14 @@ import numpy as np
 
 from gpt2jax._files import write_atomically
 from gpt2jax.config import GPTConfig
-from gpt2jax.lora.adapters import TARGETS, Adapters, LoRAConfig, node_at, slot_shapes
+from gpt2jax.lora.adapters import (
+    TARGETS,
+    Adapters,
+    LoRAConfig,
+    fused_factors,
+    node_at,
+    slot_shapes,
+)
 
 
 def to_peft(adapters: Adapters) -> tuple[dict, dict[str, np.ndarray]]:
@@ -28,17 +35,9 @@ def to_peft(adapters: Adapters) -> tuple[dict, dict[str, np.ndarray]]:
     tensors: dict[str, np.ndarray] = {}
     r_peft = {}
     for target in lc.targets:
-        module, slots = TARGETS[target]
-        node = node_at(adapters.tree, module)
+        module, _ = TARGETS[target]
         hf_module = f"{module[1]}.{module[2]}"
-        if slots == ("",):
-            a, b = np.asarray(node["a"]), np.asarray(node["b"])
-        else:  # A' = [A_q | A_v] (in, 2r); B' (2r, 3D) writes q's and v's thirds only
-            a = np.concatenate([np.asarray(node["q_a"]), np.asarray(node["v_a"])], axis=-1)
-            L, r, D = node["q_b"].shape
-            b = np.zeros((L, 2 * r, 3 * D), np.float32)
-            b[:, :r, :D] = node["q_b"]
-            b[:, r:, 2 * D:] = node["v_b"]
+        a, b = (np.asarray(f, np.float32) for f in fused_factors(node_at(adapters.tree, module)))
         r_peft[hf_module] = a.shape[-1]
         for i in range(a.shape[0]):
             prefix = f"base_model.model.transformer.h.{i}.{hf_module}"

@@ -30,10 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from gpt2jax import params as params_lib
+
 GRANULARITIES = ("channel", "tensor")
 MODES = ("weights", "w8a8")
-_KERNEL_MODULES = ("c_attn", "c_proj", "c_fc")
-_NORM_MODULES = ("ln_1", "ln_2", "ln_f")
 
 
 @struct.dataclass
@@ -60,18 +60,13 @@ class QTensor:
         return jnp.swapaxes(w, -1, -2) if self.transposed else w
 
 
-def _keys(path) -> tuple[str, ...]:
-    return tuple(str(getattr(k, "key", k)) for k in path)
-
-
 def is_kernel_leaf(path) -> bool:
-    keys = _keys(path)
-    return len(keys) >= 2 and keys[-1] == "kernel" and keys[-2] in _KERNEL_MODULES
+    """A Linear's kernel (the param spec's role 'kernel')."""
+    return params_lib.role(path) == "kernel"
 
 
 def is_norm_leaf(path) -> bool:
-    keys = _keys(path)
-    return len(keys) >= 2 and keys[-2] in _NORM_MODULES
+    return params_lib.role(path) == "norm"
 
 
 def default_skip(path, leaf) -> bool:
@@ -132,16 +127,13 @@ def _check_quantizable(params) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(
         params, is_leaf=lambda x: isinstance(x, QTensor)
     ):
+        where = "/".join(params_lib.keys(path))
         if isinstance(leaf, QTensor):
-            raise ValueError(
-                f"{'/'.join(_keys(path))} is already quantized: quantize the float params "
-                f"(or call dequantize first)"
-            )
-        if any(k.startswith("lora") for k in _keys(path)):
-            raise ValueError(
-                f"{'/'.join(_keys(path))} is a LoRA adapter: merge the adapters into the base "
-                f"(gpt2jax.lora.merge) before quantizing"
-            )
+            raise ValueError(f"{where} is already quantized: quantize the float params (or "
+                             f"call dequantize first)")
+        if any(k.startswith("lora") for k in params_lib.keys(path)):
+            raise ValueError(f"{where} is a LoRA adapter: merge the adapters into the base "
+                             f"(gpt2jax.lora.merge) before quantizing")
 
 
 def quantize(params, *, mode: str = "weights", embeddings: bool = False,
@@ -157,9 +149,9 @@ def quantize(params, *, mode: str = "weights", embeddings: bool = False,
     activations = "int8" if mode == "w8a8" else "float"
 
     def convert(path, leaf):
-        if embeddings and _keys(path) == ("wte", "embedding"):
+        if embeddings and params_lib.keys(path) == ("wte", "embedding"):
             return quantize_rows(leaf, activations)
-        if embeddings and _keys(path) == ("lm_head",):
+        if embeddings and params_lib.role(path) == "head":
             return quantize_array(leaf, granularity=granularity, activations=activations)
         if skip(path, leaf):
             return leaf
