@@ -160,8 +160,9 @@ def render_tying(results: dict[str, dict]) -> Section:
     tied, untied = per_seed(runs["tied"]), per_seed(runs["untied"])
     gap = rules.difference(untied, tied)
     why = (f"The token embedding is {small:.1f}% of GPT-2 small (tying saves that share), and "
-           f"{xl:.1f}% of GPT-2 XL at 1.56B against the article's \"< 0.5%\" (a vocabulary "
-           f"of 50,257 × 1,600 dims); it falls below 0.5% only for models far wider and "
+           f"{xl:.1f}% of GPT-2 XL at 1.56B against the article's \"< "
+           f"{rules.TYING_LARGE_MAX:g}%\" (a vocabulary of 50,257 × 1,600 dims); it falls "
+           f"below {rules.TYING_LARGE_MAX:g}% only for models far wider and "
            f"deeper. Training (not part of the claim): untied {_fmt_losses(untied)} vs tied "
            f"{_fmt_losses(tied)} val loss at the same tokens (Δ {gap.delta:+.4f}, margin "
            f"{gap.margin:.4f}), for {runs['untied']['params'] - runs['tied']['params']:,} "

@@ -41,6 +41,7 @@ from gpt2jax.model import init_params
 from gpt2jax.quant import int8
 
 what, steps, calls = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+only = set(sys.argv[4].split(",")) if sys.argv[4] else None  # figures to measure
 out = {}
 if what == "train":
     for name, preset, batch, seq in (("baby", "baby", 8, 256), ("124m", "gpt2", 4, 256)):
@@ -61,6 +62,8 @@ else:
     for kind, p in kinds.items():
         for batch in (1, 8):
             for cell, prompt, new in cells:
+                if only is not None and f"decode_{kind}_b{batch}_{cell}" not in only:
+                    continue
                 prompts = rng.integers(0, config.vocab_size, (batch, prompt)).tolist()
                 run = lambda: np.asarray(generate(p, config, prompts, max_new_tokens=new,
                                                   key=jax.random.key(0), temperature=0.0))
@@ -75,9 +78,9 @@ print("RESULT " + json.dumps(out))
 """
 
 
-def _measure(tree: Path, what: str, steps: int, calls: int) -> dict[str, float]:
+def _measure(tree: Path, what: str, steps: int, calls: int, only: str) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
-    done = subprocess.run([sys.executable, "-c", _PROBE, what, str(steps), str(calls)],
+    done = subprocess.run([sys.executable, "-c", _PROBE, what, str(steps), str(calls), only],
                           cwd=tree, env={**env, "PYTHONPATH": str(tree)}, capture_output=True,
                           text=True, check=False)
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -91,7 +94,8 @@ def _git(*args: str, cwd: Path = common.ROOT) -> str:
                           text=True).stdout.strip()
 
 
-def compare(old: str, new: str | None, rounds: int, steps: int, calls: int) -> dict:
+def compare(old: str, new: str | None, rounds: int, steps: int, calls: int,
+            only: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpt2jax-compare-") as tmp:
         trees = {}
         for side, rev in (("old", old), ("new", new)):
@@ -101,12 +105,18 @@ def compare(old: str, new: str | None, rounds: int, steps: int, calls: int) -> d
             trees[side] = Path(tmp) / side
             _git("worktree", "add", "--detach", str(trees[side]), rev)
         try:
+            hashes = {side: common.code_hash(tree) for side, tree in trees.items()}
             figures: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
             order = [s for r in range(rounds) for s in (("old", "new") if r % 2 == 0
                                                         else ("new", "old"))]
-            for what in ("train", "decode"):
+            parts = [w for w in ("train", "decode")
+                     if not only or any(f.startswith(w) for f in only)]
+            for what in parts:
                 for side in tqdm(order, desc=what):
-                    for key, value in _measure(trees[side], what, steps, calls).items():
+                    measured = _measure(trees[side], what, steps, calls, ",".join(only or []))
+                    for key, value in measured.items():
+                        if only and key not in only:
+                            continue
                         figures[side].setdefault(key, []).append(value)
         finally:
             for side, rev in (("old", old), ("new", new)):
@@ -118,31 +128,53 @@ def compare(old: str, new: str | None, rounds: int, steps: int, calls: int) -> d
         "machine": common.machine(),
         "old": old, "old_commit": _git("rev-parse", old),
         "new": new or "work tree", "new_commit": _git("rev-parse", new or "HEAD"),
-        "code_hash": common.code_hash(),
-        "rounds": rounds, "train_steps": steps, "decode_calls": calls,
+        "old_code_hash": hashes["old"], "new_code_hash": hashes["new"],
+        "rounds": rounds, "train_steps": steps, "decode_calls": calls, "only": only,
         "samples": figures, "old_tok_s": median["old"], "new_tok_s": median["new"],
         "new_over_old": {k: median["new"][k] / median["old"][k] for k in median["old"]},
     }
 
 
 def table(result: dict) -> str:
-    rows = ["| figure (tok/s) | old | new | new / old |", "|---|---:|---:|---:|"]
+    m = result["machine"]
+    rows = [f"Old {result['old_commit'][:7]} (code {result['old_code_hash']}) against new "
+            f"{result['new_commit'][:7]} (code {result['new_code_hash']}), {m['cpu']}, "
+            f"{m['cores']} cores; {result['rounds']} runs per side in ABBA order, medians "
+            f"(`eval/results/{result['json']}`).", "",
+            "| figure (tok/s) | old | new | new / old | per round: mean ± sd |",
+            "|---|---:|---:|---:|---:|"]
     for key, ratio in result["new_over_old"].items():
+        # the k-th run of each side share round k: their ratio cancels that round's load
+        paired = [n / o for o, n in zip(result["samples"]["old"][key],
+                                        result["samples"]["new"][key], strict=True)]
+        spread = statistics.stdev(paired) if len(paired) > 1 else float("nan")
         rows.append(f"| `{key}` | {result['old_tok_s'][key]:.1f} | "
-                    f"{result['new_tok_s'][key]:.1f} | {ratio:.3f} |")
+                    f"{result['new_tok_s'][key]:.1f} | {ratio:.3f} | "
+                    f"{statistics.mean(paired):.3f} ± {spread:.3f} |")
     return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     p = cli.ArgumentParser("python -m eval.compare_commits", description=__doc__)
-    p.add_argument("--old", required=True, help="the commit to compare against")
+    p.add_argument("--old", help="the commit to compare against (needed unless --readme)")
     p.add_argument("--new", default=None, help="default: the work tree as it is")
     p.add_argument("--json", type=Path, default=common.RESULTS / "compare_commits.json")
     p.add_argument("--rounds", type=int, default=2, help="turns per side (ABBA order)")
     p.add_argument("--calls", type=int, default=3, help="timed generate calls per cell")
     p.add_argument("--steps", type=int, default=10, help="timed train steps per shape")
+    p.add_argument("--only", nargs="+", help="just these figures (e.g. decode_w8a8_b8_L256)")
+    p.add_argument("--readme", action="store_true",
+                   help="write docs/results.md's table from --json (no run)")
     args = p.parse_args(argv)
-    result = compare(args.old, args.new, args.rounds, args.steps, args.calls)
+    if not args.readme and not args.old:
+        p.error("--old REV is needed to run the comparison")
+    if args.readme:
+        result = json.loads(args.json.read_text())
+        common.write_readme_block(args.json.stem, table(result), common.RESULTS_DOC)
+        print(f"wrote docs/results.md's {args.json.stem} table from {args.json}")
+        return 0
+    result = compare(args.old, args.new, args.rounds, args.steps, args.calls, args.only)
+    result["json"] = args.json.name
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print(table(result))
     print(f"wrote {args.json}")

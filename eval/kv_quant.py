@@ -265,16 +265,18 @@ def verdict(result: dict) -> dict:
     three = rows["tq3-mse"]
     lossless = {n: r for n, r in rows.items() if n.startswith("tq") and verdicts.lossless(r)}
     best = max(lossless.items(), key=lambda kv: kv[1]["compression_vs_fp16"], default=None)
+    within = (f"{verdicts.ZERO_LOSS_PCT:g}% loss and {verdicts.ZERO_LOSS_GREEDY:.0%} greedy "
+              f"agreement")
     summary = (f"At 3 bits (mse keys, {three['key_bits']:g} bits per value with the norm) "
                f"the cache is {three['compression_vs_fp16']:.1f}× smaller than a float16 "
                f"cache, val loss moves {three['delta_loss_pct']:+.2f}% and "
                f"{100 * three['greedy_match']:.0f}% of {result['new_tokens']} greedy tokens "
                f"match the float cache. ")
     if best:
-        summary += (f"The smallest cache within 0.1% loss and 99% greedy agreement is "
-                    f"{best[0]} ({best[1]['compression_vs_fp16']:.1f}× vs float16). ")
+        summary += (f"The smallest cache within {within} is {best[0]} "
+                    f"({best[1]['compression_vs_fp16']:.1f}× vs float16). ")
     else:
-        summary += "No TurboQuant setting stayed within 0.1% loss and 99% greedy agreement. "
+        summary += f"No TurboQuant setting stayed within {within}. "
     split_wins = {}
     for split, plain in _splits(rows):
         split_wins[split] = rows[split]["score_rel_rmse"] < rows[plain]["score_rel_rmse"]

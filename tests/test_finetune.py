@@ -105,11 +105,11 @@ def test_finetune_resumes_exactly(finetuned, tmp_path):
     cfg, reference = finetuned
     cfg = cfg.replace(out=str(tmp_path / "run"))
 
-    def stop_at_3(step, _):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)  # the trainer finishes the step, saves, exits
+    def stop_during_3(step, _):  # step 2's metrics are read while step 3 runs
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)  # the trainer finishes step 3, saves, exits
 
-    interrupted = train(cfg, on_step=stop_at_3, progress=False)
+    interrupted = train(cfg, on_step=stop_during_3, progress=False)
     assert interrupted.stopped == "signal" and interrupted.step == 3
     resumed = train(cfg.replace(resume=True), progress=False)
     assert resumed.losses == reference.losses and resumed.val_loss == reference.val_loss

@@ -98,8 +98,9 @@ def test_exact_resume_after_sigterm_and_sigkill(straight, tmp_path):
     cfg = cfg.replace(out=str(tmp_path / "run"))
     ckpt_dir = tmp_path / "run" / "checkpoints"
 
-    # SIGTERM at step 3: the step finishes, step 3 is saved, the process exits 0.
-    sigterm = f"lambda s, m: s == 3 and os.kill(os.getpid(), {int(signal.SIGTERM)})"
+    # SIGTERM while step 3 runs (the host reads step 2's metrics after dispatching step 3):
+    # step 3 finishes, step 3 is saved, the process exits 0.
+    sigterm = f"lambda s, m: s == 2 and os.kill(os.getpid(), {int(signal.SIGTERM)})"
     child = run_child(cfg, sigterm)
     assert child.returncode == 0, child.stderr
     assert ckpt_lib.Checkpointer(ckpt_dir).steps() == [3]
@@ -231,3 +232,27 @@ def test_cli_trains_every_switch_and_prints_a_sample(corpus, tmp_path, capsys):
                                                                           "post")
     assert not config.tie_embeddings and not config.bias and "lm_head" in params
     assert ckpt_lib.Checkpointer(tmp_path / "cli" / "checkpoints").steps() == [2, 3]
+
+
+def test_the_host_reads_a_step_after_dispatching_the_next_and_agrees_every_k(
+        corpus, tmp_path, monkeypatch):
+    """Step n's metrics are read once step n+1 is dispatched (no wait on the device per
+    step); a save (every 4 steps here) reads the step it holds first. Processes agree on stop
+    signals at the first step and every `agree_every` steps, not at every step."""
+    from train import trainer as trainer_lib
+
+    events, steps_at_agree, real_agree = [], [], trainer_lib._agree
+    trainer = trainer_lib.Trainer(tiny_config(corpus, tmp_path / "run", max_steps=10),
+                                  progress=False)
+    real_step, real_save = trainer.train_step, trainer.save
+    trainer.train_step = lambda *a: events.append("dispatch") or real_step(*a)
+    monkeypatch.setattr(trainer, "save", lambda: events.append("save") or real_save())
+    trainer.agree_every = 4  # as in a multi-process run (AGREE_EVERY there)
+    monkeypatch.setattr(trainer_lib, "_agree", lambda *a: steps_at_agree.append(
+        trainer.step_count) or real_agree(*a))
+    result = trainer.run(on_step=lambda step, _: events.append(f"read {step}"))
+    assert events[:9] == ["dispatch", "dispatch", "read 1", "dispatch", "read 2", "dispatch",
+                          "read 3", "save", "read 4"]  # step 4 is read before it is saved
+    assert events[9:12] == ["dispatch", "dispatch", "read 5"]
+    assert [e for e in events if e.startswith("read")] == [f"read {s}" for s in range(1, 11)]
+    assert steps_at_agree == [0, 4, 8] and result.losses == trainer.losses

@@ -3,10 +3,12 @@
     python -m train.prepare --data shakespeare --out data/shakespeare
     python -m train --preset shakespeare
 
-Eval programs call `train(TrainConfig(...))` directly; the CLIs only parse arguments.
+Eval programs call `train(TrainConfig(...))` directly (`Trainer(cfg).run()`: setup, step,
+evaluate, save, finish); the CLIs only parse arguments.
 """
 
 from train.config import PRESETS, TrainConfig, preset
-from train.trainer import NonFiniteLossError, TrainResult, train
+from train.trainer import NonFiniteLossError, Trainer, TrainResult, train
 
-__all__ = ["PRESETS", "NonFiniteLossError", "TrainConfig", "TrainResult", "preset", "train"]
+__all__ = ["PRESETS", "NonFiniteLossError", "TrainConfig", "TrainResult", "Trainer", "preset",
+           "train"]

@@ -229,6 +229,299 @@ def plot_curves(metrics_path: Path, png_path: Path) -> None:
 # ---------------------------------------------------------------------------- train
 
 
+# Steps between two checks that every process agrees on (a stop signal, process 0's clock):
+# each check is an allgather, so not every step; one process alone checks every step.
+AGREE_EVERY = 8
+
+
+class Trainer:
+    """One training run, in the order a reader follows it: `__init__` sets up (data, model,
+    state, the compiled step and eval), `step` dispatches one optimizer step, `evaluate`,
+    `save`, and `finish` (final eval, checkpoint, sample, summary). `run` is the loop.
+
+    The host never waits on the device inside the loop: step n's metrics (loss, gradient
+    norm) are read after step n+1 is dispatched, so the device is never idle while the host
+    logs; evals, saves and the end read everything first (a save never holds a step whose
+    loss was not checked)."""
+
+    def __init__(self, cfg: TrainConfig, *, progress: bool = True):
+        self.t_start = time.perf_counter()
+        sharding.initialize_distributed()
+        self.main_process = jax.process_index() == 0
+        self.out = Path(cfg.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.out / "metrics.jsonl"
+        self.progress = progress
+
+        self.data_dir = resolve_data(cfg)
+        self.data_meta = json.loads((self.data_dir / "meta.json").read_text())
+        self.train_tokens = data_lib.load_split(self.data_dir, "train")
+        self.val_tokens = data_lib.load_split(self.data_dir, "val")
+
+        model_config, params = initial_params(cfg)
+        cfg, adapters = initial_adapters(cfg.replace(model=model_config), model_config)
+        self.cfg, self.model_config = cfg, model_config
+        self.lora_config = cfg.lora_config()
+        self.frozen, self.lora_meta = (), {}
+        if adapters is not None:  # params become the frozen base (float or int8)
+            base, params = params, adapters.tree
+            self.lora_meta = {"lora": {"config": self.lora_config.to_dict(), "base": {
+                "source": sources.source_reference(cfg.init_from),
+                "sha256": sources.fingerprint(base)}}}
+        K, B, T = cfg.grad_accum, cfg.batch_size, model_config.block_size
+        self.sampler = data_lib.BatchSampler(self.train_tokens, B, T, cfg.seed)
+        mesh = sharding.make_mesh(cfg.mesh_data)
+        self.schedule = optim.LRSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
+        optimizer = optim.make_optimizer(weight_decay=cfg.weight_decay, beta1=cfg.beta1,
+                                         beta2=cfg.beta2, grad_clip=cfg.grad_clip)
+        init = lambda p: step_lib.init_state(p, optimizer, cfg.seed)
+        state_sh = sharding.state_shardings(jax.eval_shape(init, params), mesh, cfg.fsdp)
+        abstract = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            jax.eval_shape(init, params), state_sh,
+        )
+        frozen_sh = ()
+        if self.lora_config is not None:
+            frozen_sh = (sharding.state_shardings(base, mesh, cfg.fsdp),)
+            self.frozen = (jax.device_put(base, frozen_sh[0]),)
+            del base
+        self.trainable_count = sum(x.size for x in jax.tree.leaves(params))
+
+        self.checkpoints = ckpt_lib.Checkpointer(self.out / "checkpoints",
+                                                 keep=cfg.keep_checkpoints)
+        self.losses: list[float] = []
+        self.clock = {"before_s": 0.0, "warmup_end_s": None}  # time of earlier processes
+        if cfg.resume:
+            self.state, meta = _restore(self.checkpoints, abstract, cfg, self.data_dir,
+                                        self.data_meta, self.lora_meta)
+            self.clock = {"before_s": meta["elapsed_s"], "warmup_end_s": meta["warmup_end_s"]}
+            if self.main_process:
+                self.losses = _truncate_metrics(self.metrics_path, int(self.state["step"]))
+        else:
+            self.state = jax.jit(init, out_shardings=state_sh)(params)
+            if self.main_process:
+                self.metrics_path.write_text("")
+        del params
+        self.step_count = int(self.state["step"])
+
+        self.x_sh = sharding.batch_sharding(mesh, 3, batch_axis=1)  # [K, B, T]
+        self.x_rows = sharding.process_rows(self.x_sh, (K, B, T))
+        self.b_sh = sharding.batch_sharding(mesh, 2)  # [B, T]
+        replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        self.train_step = jax.jit(
+            step_lib.make_train_step(model_config, optimizer, self.lora_config),
+            in_shardings=(state_sh, self.x_sh, self.x_sh, replicated, *frozen_sh),
+            out_shardings=(state_sh, replicated), donate_argnums=0,
+        )
+        self.eval_fn = jax.jit(
+            step_lib.make_eval_step(model_config, self.lora_config),
+            in_shardings=(state_sh["params"], self.b_sh, self.b_sh,
+                          sharding.batch_sharding(mesh, 1), *frozen_sh),
+            out_shardings=(replicated, replicated),
+        )
+        self.peak = (cfg.peak_flops or perf.measure_peak_flops(model_config.dtype)) * mesh.size
+        self.flops_per_token = perf.flops_per_token(model_config)
+        self.full_eval_batches = -(-((len(self.val_tokens) - 1) // T) // B)
+        # What the ending costs (full eval, save, sample), measured as the run goes, so a
+        # time budget is met with everything included; sampling compiles a decoder: ~15 s.
+        self.ending = {"eval_s": 0.0, "save_s": 0.0,
+                       "sample_s": 15.0 if cfg.sample_tokens else 0.0}
+        self.budget = None if cfg.max_minutes is None else cfg.max_minutes * 60
+        self.tok_s = self.mfu = 0.0
+        self.window = None  # (start time, steps) of the throughput window
+        self.pending = None  # (step, lr, metrics) of the dispatched step not yet read
+        self.on_record: Callable[[int, dict], None] | None = None
+        self.agree_every = 1 if jax.process_count() == 1 else AGREE_EVERY
+
+    # ------------------------------------------------------------------------ clock, log
+
+    def elapsed(self) -> float:
+        return self.clock["before_s"] + time.perf_counter() - self.t_start
+
+    def time_fraction(self) -> float:
+        if self.budget is None or self.clock["warmup_end_s"] is None:
+            return 0.0
+        start = self.clock["warmup_end_s"]
+        return (self.elapsed() - start) / max(self.budget - sum(self.ending.values()) - start,
+                                              1e-9)
+
+    def log(self, record: dict) -> None:
+        if self.main_process:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------------ the pieces
+
+    def step(self, lr: float) -> None:
+        """Dispatch one optimizer step at learning rate lr; its metrics are read later."""
+        K, B, T = self.cfg.grad_accum, self.cfg.batch_size, self.model_config.block_size
+        x, y = self.sampler.batch(self.step_count, (K, B), self.x_rows)
+        put = jax.make_array_from_process_local_data
+        self.state, metrics = self.train_step(self.state, put(self.x_sh, x, (K, B, T)),
+                                              put(self.x_sh, y, (K, B, T)), np.float32(lr),
+                                              *self.frozen)
+        self.step_count += 1
+        previous, self.pending = self.pending, (self.step_count, lr, metrics)
+        if previous is not None:
+            self._record(*previous)
+
+    def read_metrics(self) -> None:
+        """Wait for the dispatched step and record it (before an eval, a save, the end)."""
+        if self.pending is not None:
+            previous, self.pending = self.pending, None
+            self._record(*previous)
+
+    def _restart_window(self) -> None:
+        """Evals and saves are not training throughput: the window starts again after them."""
+        if self.window is not None:
+            self.window = (time.perf_counter(), 0)
+
+    def _record(self, step: int, lr: float, metrics: dict) -> None:
+        loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+            last = self.checkpoints.steps()
+            raise NonFiniteLossError(
+                f"step {step}: loss {loss}, gradient norm {grad_norm}. Stopped; the last good "
+                f"checkpoint is "
+                f"{f'step {last[-1]} in {self.checkpoints.directory}' if last else 'none'}. "
+                f"Lower --lr (now {self.cfg.lr}), raise --warmup-steps (now "
+                f"{self.cfg.warmup_steps}) or train in float32, then --resume")
+        now = time.perf_counter()
+        if self.window is None:  # the first step compiled: measure from its end
+            self.window = (now, 0)
+        else:
+            start, steps = self.window[0], self.window[1] + 1
+            self.window = (start, steps)
+            if now - start > 2.0:
+                self.tok_s = steps * self.cfg.tokens_per_step / (now - start)
+                self.mfu = self.tok_s * self.flops_per_token / self.peak
+                self.window = (now, 0)
+                if not self.ending["eval_s"]:  # until measured: forward ~ 1/3 of a step
+                    B, T = self.cfg.batch_size, self.model_config.block_size
+                    self.ending["eval_s"] = self.full_eval_batches * B * T / self.tok_s / 3
+        self.losses.append(loss)
+        record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                  "tok_s": round(self.tok_s, 1), "mfu": round(self.mfu, 4),
+                  "time_s": round(self.elapsed(), 3)}
+        self.log(record)
+        if self.on_record is not None:
+            self.on_record(step, record)
+
+    def evaluate(self, max_batches=None) -> tuple[float, float]:
+        """(val loss, the seconds a full eval would take at this pace)."""
+        self.read_metrics()
+        t = time.perf_counter()
+        loss = evaluate(self.eval_fn, self.state["params"], self.val_tokens, self.cfg,
+                        self.b_sh, max_batches, self.frozen)
+        n = min(max_batches or self.full_eval_batches, self.full_eval_batches)
+        self.log({"step": self.step_count, "val_loss": loss, "time_s": round(self.elapsed(), 3),
+                  "eval_windows": n * self.cfg.batch_size})
+        self._restart_window()
+        return loss, (time.perf_counter() - t) * self.full_eval_batches / n
+
+    def save(self) -> float:
+        """Checkpoint the state at the current step; the seconds it took."""
+        self.read_metrics()
+        t = time.perf_counter()
+        self.checkpoints.save(self.step_count, self.state, config=self.model_config, extra={
+            "train_config": self.cfg.to_dict(), "sampler": self.sampler.state(self.step_count),
+            "data_sha256": self.data_meta["source_sha256"], "elapsed_s": self.elapsed(),
+            "warmup_end_s": self.clock["warmup_end_s"], **self.lora_meta,
+        })
+        self._restart_window()
+        return time.perf_counter() - t
+
+    # ------------------------------------------------------------------------ the loop
+
+    def run(self, on_step: Callable[[int, dict], None] | None = None) -> TrainResult:
+        cfg = self.cfg
+        self.on_record = on_step
+        stopped = "max_steps"
+        postfix = {}
+        bar = tqdm(total=cfg.max_steps, initial=self.step_count, desc="train",
+                   disable=not (self.progress and self.main_process), dynamic_ncols=True)
+        say = bar.write if self.main_process else lambda _: None
+        if self.progress:
+            say(describe(cfg))
+        fraction, first = 0.0, True
+        with _StopFlag() as stop:
+            while self.step_count < cfg.max_steps:
+                step = self.step_count
+                if step == cfg.warmup_steps and self.clock["warmup_end_s"] is None:
+                    self.clock["warmup_end_s"] = self.elapsed()
+                if first or step % self.agree_every == 0:
+                    first = False
+                    signalled, fraction = _agree(stop.signal, self.time_fraction())
+                    if signalled:
+                        stopped = "signal"
+                        say(f"{stop.signal or 'a signal to another process'}: saving step "
+                            f"{step} and exiting")
+                        break
+                    if fraction >= 1.0:
+                        stopped = "time"
+                        break
+                self.step(self.schedule(step, fraction))
+                if fraction > 0:  # a time budget: show the steps it will end at
+                    bar.total = min(cfg.max_steps, int(
+                        cfg.warmup_steps + (step + 1 - cfg.warmup_steps) / min(fraction, 1.0)))
+                if self.losses:
+                    postfix.update(loss=f"{self.losses[-1]:.3f}", tok_s=f"{self.tok_s:.0f}",
+                                   mfu=f"{self.mfu:.1%}")
+                bar.set_postfix(postfix, refresh=False)
+                bar.update(1)
+                if self.step_count % cfg.eval_every == 0 and self.step_count < cfg.max_steps:
+                    val, self.ending["eval_s"] = self.evaluate(cfg.eval_batches or None)
+                    postfix["val"] = f"{val:.3f}"
+                    say(f"step {self.step_count}: val loss {val:.4f} "
+                        f"({self.elapsed() / 60:.1f} min)")
+                if self.step_count % cfg.ckpt_every == 0:
+                    self.ending["save_s"] = self.save()
+            self.read_metrics()
+        bar.close()
+        if stopped == "time":
+            say(f"time budget of {cfg.max_minutes} min: training ended at step "
+                f"{self.step_count}")
+        return self.finish(stopped)
+
+    def finish(self, stopped: str) -> TrainResult:
+        """Final eval (unless signalled), the last checkpoint, a sample and summary.json."""
+        cfg, model_config = self.cfg, self.model_config
+        val_loss = sample = None
+        if stopped != "signal":
+            val_loss, _ = self.evaluate(cfg.final_eval_batches or None)
+        self.save()
+        self.checkpoints.close()
+        if stopped != "signal" and cfg.sample_tokens > 0:
+            # Gathering the (possibly FSDP-sharded) params takes every process; sampling, one.
+            params = multihost_utils.process_allgather(self.state["params"], tiled=True)
+            if self.lora_config is not None:  # the merged model, as `sample --ckpt` runs
+                base = multihost_utils.process_allgather(self.frozen[0], tiled=True)
+                params = lora_lib.merge(
+                    base, lora_lib.Adapters(params, self.lora_config, model_config),
+                    requantize=True)
+            if self.main_process:
+                prompt = sample_prompt(self.train_tokens, min(16, model_config.block_size // 2))
+                sample = sample_text(params, model_config, cfg, prompt)
+        result = TrainResult(
+            config=cfg, step=self.step_count, stopped=stopped, losses=self.losses,
+            val_loss=val_loss, wall_s=time.perf_counter() - self.t_start,
+            elapsed_s=self.elapsed(), tokens_per_s=self.tok_s, mfu=self.mfu, sample=sample,
+            out=self.out,
+        )
+        if self.main_process:
+            plot_curves(self.metrics_path, self.out / "loss_curve.png")
+            summary = {k: v for k, v in dataclasses.asdict(result).items()
+                       if k not in ("losses", "config")}
+            summary.update(
+                config=cfg.to_dict(), out=str(self.out), machine=perf.machine(),
+                peak_flops=self.peak, flops_per_token=self.flops_per_token,
+                trainable_params=self.trainable_count,
+                frozen_base_bytes=int8.nbytes(self.frozen[0]) if self.frozen else None,
+                final_train_loss=self.losses[-1] if self.losses else None)
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2))
+        return result
+
+
 def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None,
           progress: bool = True) -> TrainResult:
     """Run (or resume) the training `cfg` describes; see the module docstring for outputs.
@@ -243,226 +536,9 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
     optimizer state and checkpoints); the base is an argument of every step, never updated,
     and checkpoints refer to it by source and sha256.
 
-    on_step(step, metrics) runs after every optimizer step (eval programs, tests)."""
-    t_start = time.perf_counter()
-    sharding.initialize_distributed()
-    main_process = jax.process_index() == 0
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.jsonl"
-
-    data_dir = resolve_data(cfg)
-    data_meta = json.loads((data_dir / "meta.json").read_text())
-    train_tokens = data_lib.load_split(data_dir, "train")
-    val_tokens = data_lib.load_split(data_dir, "val")
-
-    model_config, params = initial_params(cfg)
-    cfg, adapters = initial_adapters(cfg.replace(model=model_config), model_config)
-    lora_config = cfg.lora_config()
-    frozen, lora_meta = (), {}
-    if adapters is not None:  # params become the frozen base (float or int8); adapters train
-        base, params = params, adapters.tree
-        lora_meta = {"lora": {"config": lora_config.to_dict(), "base": {
-            "source": sources.source_reference(cfg.init_from),
-            "sha256": sources.fingerprint(base)}}}
-    K, B, T = cfg.grad_accum, cfg.batch_size, model_config.block_size
-    sampler = data_lib.BatchSampler(train_tokens, B, T, cfg.seed)
-    mesh = sharding.make_mesh(cfg.mesh_data)
-    schedule = optim.LRSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-    optimizer = optim.make_optimizer(weight_decay=cfg.weight_decay, beta1=cfg.beta1,
-                                     beta2=cfg.beta2, grad_clip=cfg.grad_clip)
-    init = lambda p: step_lib.init_state(p, optimizer, cfg.seed)
-    state_sh = sharding.state_shardings(jax.eval_shape(init, params), mesh, cfg.fsdp)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        jax.eval_shape(init, params), state_sh,
-    )
-
-    frozen_sh = ()
-    if lora_config is not None:
-        frozen_sh = (sharding.state_shardings(base, mesh, cfg.fsdp),)
-        frozen = (jax.device_put(base, frozen_sh[0]),)
-        del base
-    trainable_count = sum(x.size for x in jax.tree.leaves(params))
-
-    checkpoints = ckpt_lib.Checkpointer(out / "checkpoints", keep=cfg.keep_checkpoints)
-    losses: list[float] = []
-    clock = {"before_s": 0.0, "warmup_end_s": None}  # time spent by earlier processes
-    if cfg.resume:
-        state, meta = _restore(checkpoints, abstract, cfg, data_dir, data_meta, lora_meta)
-        clock = {"before_s": meta["elapsed_s"], "warmup_end_s": meta["warmup_end_s"]}
-        if main_process:
-            losses = _truncate_metrics(metrics_path, int(state["step"]))
-    else:
-        state = jax.jit(init, out_shardings=state_sh)(params)
-        if main_process:
-            metrics_path.write_text("")
-    del params
-    step = int(state["step"])
-
-    x_sh = sharding.batch_sharding(mesh, 3, batch_axis=1)  # [K, B, T]
-    x_rows = sharding.process_rows(x_sh, (K, B, T))
-    b_sh = sharding.batch_sharding(mesh, 2)  # [B, T]
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    train_step = jax.jit(
-        step_lib.make_train_step(model_config, optimizer, lora_config),
-        in_shardings=(state_sh, x_sh, x_sh, replicated, *frozen_sh),
-        out_shardings=(state_sh, replicated), donate_argnums=0,
-    )
-    eval_fn = jax.jit(
-        step_lib.make_eval_step(model_config, lora_config),
-        in_shardings=(state_sh["params"], b_sh, b_sh, sharding.batch_sharding(mesh, 1),
-                      *frozen_sh),
-        out_shardings=(replicated, replicated),
-    )
-    peak = (cfg.peak_flops or perf.measure_peak_flops(model_config.dtype)) * mesh.size
-    flops_per_token = perf.flops_per_token(model_config)
-
-    def elapsed():
-        return clock["before_s"] + time.perf_counter() - t_start
-
-    def log(record):
-        if main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def save():
-        t = time.perf_counter()
-        checkpoints.save(step, state, config=model_config, extra={
-            "train_config": cfg.to_dict(), "sampler": sampler.state(step),
-            "data_sha256": data_meta["source_sha256"], "elapsed_s": elapsed(),
-            "warmup_end_s": clock["warmup_end_s"], **lora_meta,
-        })
-        return time.perf_counter() - t
-
-    def run_eval(max_batches=None):
-        t = time.perf_counter()
-        loss = evaluate(eval_fn, state["params"], val_tokens, cfg, b_sh, max_batches, frozen)
-        n = min(max_batches or full_eval_batches, full_eval_batches)
-        log({"step": step, "val_loss": loss, "time_s": round(elapsed(), 3),
-             "eval_windows": n * B})
-        return loss, (time.perf_counter() - t) * full_eval_batches / n
-
-    full_eval_batches = -(-((len(val_tokens) - 1) // T) // B)
-    # What the ending costs (full eval, save, sample), measured as the run goes, so a time
-    # budget is met with everything included; sampling compiles a decoder: ~15 s guessed.
-    ending = {"eval_s": 0.0, "save_s": 0.0, "sample_s": 15.0 if cfg.sample_tokens else 0.0}
-    budget = None if cfg.max_minutes is None else cfg.max_minutes * 60
-
-    def time_fraction():
-        if budget is None or clock["warmup_end_s"] is None:
-            return 0.0
-        start = clock["warmup_end_s"]
-        return (elapsed() - start) / max(budget - sum(ending.values()) - start, 1e-9)
-
-    stopped = "max_steps"
-    tok_s = mfu = 0.0
-    postfix = {}
-    bar = tqdm(total=cfg.max_steps, initial=step, desc="train",
-               disable=not (progress and main_process), dynamic_ncols=True)
-    say = bar.write if main_process else lambda _: None
-    if progress:
-        say(describe(cfg))
-    with _StopFlag() as stop:
-        window_t, window_steps = None, 0  # throughput window; the first step compiles
-        while step < cfg.max_steps:
-            if step == cfg.warmup_steps and clock["warmup_end_s"] is None:
-                clock["warmup_end_s"] = elapsed()
-            signalled, fraction = _agree(stop.signal, time_fraction())
-            if signalled:
-                stopped = "signal"
-                say(f"{stop.signal or 'a signal to another process'}: saving step {step} and "
-                    f"exiting")
-                break
-            if fraction >= 1.0:
-                stopped = "time"
-                break
-            lr = schedule(step, fraction)
-            x, y = sampler.batch(step, (K, B), x_rows)
-            state, m = train_step(state, jax.make_array_from_process_local_data(x_sh, x, (K, B, T)),
-                                  jax.make_array_from_process_local_data(x_sh, y, (K, B, T)),
-                                  np.float32(lr), *frozen)
-            loss, grad_norm = float(m["loss"]), float(m["grad_norm"])
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                last = checkpoints.steps()
-                raise NonFiniteLossError(
-                    f"step {step + 1}: loss {loss}, gradient norm {grad_norm}. Stopped; the "
-                    f"last good checkpoint is "
-                    f"{f'step {last[-1]} in {checkpoints.directory}' if last else 'none'}. "
-                    f"Lower --lr (now {cfg.lr}), raise --warmup-steps (now "
-                    f"{cfg.warmup_steps}) or train in float32, then --resume"
-                )
-            step += 1
-            now = time.perf_counter()
-            if window_t is None:  # the first step compiled: measure from its end
-                window_t = now
-            else:
-                window_steps += 1
-                if now - window_t > 2.0:
-                    tok_s = window_steps * cfg.tokens_per_step / (now - window_t)
-                    mfu = tok_s * flops_per_token / peak
-                    window_t, window_steps = now, 0
-                    if not ending["eval_s"]:  # until measured: forward ~ 1/3 of a step
-                        ending["eval_s"] = full_eval_batches * B * T / tok_s / 3
-            losses.append(loss)
-            record = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                      "tok_s": round(tok_s, 1), "mfu": round(mfu, 4),
-                      "time_s": round(elapsed(), 3)}
-            log(record)
-            if fraction > 0:  # a time budget: show the steps it will end at
-                bar.total = min(cfg.max_steps, int(cfg.warmup_steps + (step - cfg.warmup_steps)
-                                                   / min(fraction, 1.0)))
-            postfix.update(loss=f"{loss:.3f}", tok_s=f"{tok_s:.0f}", mfu=f"{mfu:.1%}")
-            bar.set_postfix(postfix, refresh=False)
-            bar.update(1)
-            if on_step is not None:
-                on_step(step, record)
-
-            paused = False
-            if step % cfg.eval_every == 0 and step < cfg.max_steps:
-                val, ending["eval_s"] = run_eval(cfg.eval_batches or None)
-                postfix["val"] = f"{val:.3f}"
-                say(f"step {step}: val loss {val:.4f} ({elapsed() / 60:.1f} min)")
-                paused = True
-            if step % cfg.ckpt_every == 0:
-                ending["save_s"] = save()
-                paused = True
-            if paused:  # evals and saves are not training throughput
-                window_t, window_steps = time.perf_counter(), 0
-    bar.close()
-    if stopped == "time":
-        say(f"time budget of {cfg.max_minutes} min: training ended at step {step}")
-
-    val_loss = sample = None
-    if stopped != "signal":
-        val_loss, _ = run_eval(cfg.final_eval_batches or None)
-    save()
-    checkpoints.close()
-    if stopped != "signal" and cfg.sample_tokens > 0:
-        # Gathering the (possibly FSDP-sharded) params takes every process; sampling, one.
-        params = multihost_utils.process_allgather(state["params"], tiled=True)
-        if lora_config is not None:  # sample from the merged model, as `sample --ckpt` does
-            base = multihost_utils.process_allgather(frozen[0], tiled=True)
-            params = lora_lib.merge(base, lora_lib.Adapters(params, lora_config, model_config),
-                                    requantize=True)
-        if main_process:
-            prompt = sample_prompt(train_tokens, min(16, model_config.block_size // 2))
-            sample = sample_text(params, model_config, cfg, prompt)
-    result = TrainResult(
-        config=cfg, step=step, stopped=stopped, losses=losses, val_loss=val_loss,
-        wall_s=time.perf_counter() - t_start, elapsed_s=elapsed(), tokens_per_s=tok_s, mfu=mfu,
-        sample=sample, out=out,
-    )
-    if main_process:
-        plot_curves(metrics_path, out / "loss_curve.png")
-        summary = {k: v for k, v in dataclasses.asdict(result).items()
-                   if k not in ("losses", "config")}
-        summary.update(config=cfg.to_dict(), out=str(out), machine=perf.machine(), peak_flops=peak,
-                       flops_per_token=flops_per_token, trainable_params=trainable_count,
-                       frozen_base_bytes=int8.nbytes(frozen[0]) if frozen else None,
-                       final_train_loss=losses[-1] if losses else None)
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return result
+    on_step(step, metrics) runs once each step's metrics are read (eval programs, tests):
+    step n's, after step n+1 was dispatched."""
+    return Trainer(cfg, progress=progress).run(on_step)
 
 
 def _restore(checkpoints, abstract, cfg: TrainConfig, data_dir, data_meta, lora_meta):
