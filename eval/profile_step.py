@@ -31,7 +31,7 @@ from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
 
-from eval import bench_train  # noqa: E402
+from eval import bench_train, common  # noqa: E402
 from gpt2jax.config import GPTConfig  # noqa: E402
 from train import perf  # noqa: E402
 
@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     parser.add_argument("--top", type=int, default=15, help="ops listed (default 15)")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
-    results = {"machine": bench_train.machine(), "jax": jax.__version__, "profiles": []}
+    results = {"machine": common.machine(), "jax": jax.__version__, "profiles": []}
     for shape in args.shape:
         result = profile(shape, args.steps)
         print(format_table(result, args.top), flush=True)
