@@ -508,9 +508,7 @@ def plot(r: dict, path: Path) -> None:
         ax.grid(alpha=0.3, which="both")
     np.atleast_1d(axes)[0].set_ylabel("decode tokens / s")
     np.atleast_1d(axes)[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    common.save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:

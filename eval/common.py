@@ -164,11 +164,32 @@ def parse_experiment_args(prog: str, doc: str, quick_help: str, argv=None, *,
     return args
 
 
+def experiment_main(prog: str, doc: str, quick_help: str, run: Callable) -> Callable:
+    """`main(argv)` of an experiment that trains comparisons at seeds: parse the shared flags
+    (`parse_experiment_args`), then `run(quick, out, work, seeds)`."""
+
+    def main(argv=None) -> None:
+        args = parse_experiment_args(prog, doc, quick_help, argv, seeds=True)
+        run(args.quick, args.out, args.work, args.seeds)
+
+    return main
+
+
 def val_loss(params, config: GPTConfig, val_tokens, *, max_tokens: int | None = None) -> float:
     """Mean NLL (nats/token) over non-overlapping block-size windows of the val split."""
     tokens = val_tokens[:max_tokens] if max_tokens else val_tokens
     nll, _ = sliding_window_nll(params, config, tokens, progress=False)
     return nll
+
+
+def save_figure(fig, path: Path, dpi: int = 110) -> Path:
+    """Every experiment's plot ends the same way: laid out, written as PNG, closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
 
 
 def write_json(path: Path, payload: dict) -> Path:

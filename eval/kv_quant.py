@@ -37,6 +37,7 @@ from eval import verdicts
 from eval.common import (
     parse_experiment_args,
     perplexity,
+    save_figure,
     shakespeare_data,
     train_variant,
     write_json,
@@ -347,9 +348,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_xlabel("key bits per value, float16 norms included")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

@@ -30,6 +30,7 @@ import numpy as np
 from eval import verdicts
 from eval.common import (
     parse_experiment_args,
+    save_figure,
     seeded,
     trailing_mean,
     train_variant,
@@ -204,9 +205,7 @@ def plot(runs: list[dict], base_loss: float, path: Path, title: str) -> None:
     ax.legend(loc="lower left", fontsize=8)
     twin.legend(loc="center left", fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(quick: bool, out: Path, work: Path, base: str | None = None, seeds: int = 1) -> dict:

@@ -26,7 +26,8 @@ import numpy as np
 
 from eval.common import (
     SEEDS,
-    parse_experiment_args,
+    experiment_main,
+    save_figure,
     shakespeare_data,
     trailing_mean,
     train_seeds,
@@ -221,15 +222,11 @@ def plot(result: dict, path: Path) -> None:
     ax.set_ylabel("final val loss (no clipping)")
     ax.set_title("training: hatched = no warmup")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def main(argv=None) -> None:
-    args = parse_experiment_args("python -m eval.norms", __doc__,
-                                 "depth 2, one lr, 6 and 12 steps", argv, seeds=True)
-    run(args.quick, args.out, args.work, args.seeds)
+main = experiment_main("python -m eval.norms", __doc__,
+                       "depth 2, one lr, 6 and 12 steps", run)
 
 
 if __name__ == "__main__":

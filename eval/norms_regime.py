@@ -37,6 +37,7 @@ import orbax.checkpoint as ocp
 from eval.common import (
     SEEDS,
     parse_experiment_args,
+    save_figure,
     shakespeare_data,
     trailing_mean,
     train_seeds,
@@ -228,9 +229,7 @@ def plot(result: dict, path: Path) -> None:
         ax.legend(fontsize=7, ncol=2)
     for ax in layer_axes[len(probed):]:
         ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.common import (
-    parse_experiment_args,
+    experiment_main,
+    save_figure,
     shakespeare_data,
     trailing_mean,
     train_seeds,
@@ -156,15 +157,11 @@ def plot(result: dict, path: Path) -> None:
                   "(learned positions stop at T: no embedding beyond)")
     ax2.grid(alpha=0.3)
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def main(argv=None) -> None:
-    args = parse_experiment_args("python -m eval.positions", __doc__,
-                                 "a 1-layer toy, 6 steps per scheme", argv, seeds=True)
-    run(args.quick, args.out, args.work, args.seeds)
+main = experiment_main("python -m eval.positions", __doc__,
+                       "a 1-layer toy, 6 steps per scheme", run)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from eval import common  # noqa: E402
-from eval.common import perplexity, val_loss, write_json, write_readme_block  # noqa: E402
+from eval.common import (  # noqa: E402
+    perplexity,
+    save_figure,
+    val_loss,
+    write_json,
+    write_readme_block,
+)
 from eval.verdicts import fmt_pct, fmt_seeds, per_seed, per_seed_pct  # noqa: E402
 from gpt2jax import checkpoint, sources  # noqa: E402
 from gpt2jax.generation import generate  # noqa: E402
@@ -147,9 +153,7 @@ def plot(result: dict, path: Path) -> Path:
     for ax in (ax1, ax2):
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle("INT8: weights only (norms skipped vs quantized) and W8A8 (Tiny Shakespeare val)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from eval.common import (
-    parse_experiment_args,
+    experiment_main,
+    save_figure,
     shakespeare_data,
     trailing_mean,
     train_seeds,
@@ -105,15 +106,11 @@ def plot(result: dict, path: Path) -> None:
     ax2.set_title(f"baby, same tokens ({result['tokens_per_run']:,})")
     ax2.grid(alpha=0.3)
     ax2.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def main(argv=None) -> None:
-    args = parse_experiment_args("python -m eval.tying", __doc__,
-                                 "a 1-layer toy for the training part", argv, seeds=True)
-    run(args.quick, args.out, args.work, args.seeds)
+main = experiment_main("python -m eval.tying", __doc__,
+                       "a 1-layer toy for the training part", run)
 
 
 if __name__ == "__main__":
