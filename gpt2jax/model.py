@@ -168,6 +168,12 @@ def _residual_init(c: GPTConfig) -> Callable:
     return _scaled_normal(c.init_std / math.sqrt(2 * c.n_layer))  # GPT-2 / nanoGPT
 
 
+def _linear_of(module: nn.Module) -> Callable:
+    """Linear with the enclosing module's config, mode and adapter dropout filled in."""
+    return functools.partial(Linear, config=module.config, deterministic=module.deterministic,
+                             adapter_dropout=module.adapter_dropout)
+
+
 class Attention(nn.Module):
     config: GPTConfig
     deterministic: bool = True
@@ -181,8 +187,7 @@ class Attention(nn.Module):
             qkv_init = xavier_normal(1.0, 1.0, deepnorm_constants(c.n_layer)[1])
         else:
             qkv_init = _scaled_normal(c.init_std)
-        linear = functools.partial(Linear, config=c, deterministic=self.deterministic,
-                                   adapter_dropout=self.adapter_dropout)
+        linear = _linear_of(self)
         qkv = linear(3 * D, kernel_init=qkv_init, name="c_attn")(x_BTD)
         q_BTHD, k_BTHD, v_BTHD = (
             a.reshape(B, T, c.n_head, c.head_dim) for a in jnp.split(qkv, 3, axis=-1)
@@ -220,8 +225,7 @@ class MLP(nn.Module):
         c = self.config
         fc_init = (xavier_normal(deepnorm_constants(c.n_layer)[1])
                    if c.norm_placement == "deepnorm" else _scaled_normal(c.init_std))
-        linear = functools.partial(Linear, config=c, deterministic=self.deterministic,
-                                   adapter_dropout=self.adapter_dropout)
+        linear = _linear_of(self)
         h = linear(4 * c.n_embd, kernel_init=fc_init, name="c_fc")(x)
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's gelu_new (tanh approximation)
         y = linear(c.n_embd, kernel_init=_residual_init(c), name="c_proj")(h)
