@@ -38,6 +38,7 @@ from eval.common import (  # noqa: E402
 from eval.verdicts import fmt_pct, fmt_seeds, per_seed, per_seed_pct  # noqa: E402
 from gpt2jax import checkpoint, sources  # noqa: E402
 from gpt2jax.generation import generate  # noqa: E402
+from gpt2jax.layers import weight  # noqa: E402
 from gpt2jax.quant import int8  # noqa: E402
 from gpt2jax.quantize import calibrate, calibration_tokens, smoothquant  # noqa: E402
 from train.config import TrainConfig, preset  # noqa: E402
@@ -49,8 +50,9 @@ MAIN_JOB_STEPS = 700
 
 
 def norms_at(bits: int):
-    """int8 kernels (per channel) with the norm leaves quantized to `bits`, one scale per γ
-    and per β vector (per tensor: a scale per entry would be lossless by construction)."""
+    """int8 kernels (per channel) with the norm leaves quantized to `bits` too, one scale per
+    γ and per β vector (per entry would be lossless by construction). The model reads norms
+    float: `as_evaluated` rounds them back."""
     def build(params, smoothed):
         def convert(path, leaf):
             if not int8.is_norm_leaf(path):
@@ -59,6 +61,15 @@ def norms_at(bits: int):
         return jax.tree_util.tree_map_with_path(
             convert, int8.quantize(params), is_leaf=lambda x: isinstance(x, int8.QTensor))
     return build
+
+
+def as_evaluated(tree):
+    """A variant's tree as the model runs it: quantized norm leaves dequantized (quantize then
+    dequantize, the ablation's whole effect), every other leaf as it is."""
+    def convert(path, leaf):
+        return weight(leaf).dequantize() if int8.is_norm_leaf(path) else leaf
+    return jax.tree_util.tree_map_with_path(
+        convert, tree, is_leaf=lambda x: isinstance(x, int8.QTensor))
 
 
 # name: (float params, SmoothQuant-ed params) -> the evaluated tree
@@ -96,10 +107,11 @@ def run(params, config, val_tokens, *, max_tokens=None, calibration=None,
     reference = greedy(params, config, prompts, new_tokens)
     rows = {}
     for name, build in VARIANTS.items():
-        tree = build(params, smoothed)
+        stored = build(params, smoothed)
+        tree = as_evaluated(stored)
         nll = val_loss(tree, config, val_tokens, max_tokens=max_tokens)
         equal = greedy(tree, config, prompts, new_tokens) == reference
-        rows[name] = {"val_loss": nll, "perplexity": perplexity(nll), "bytes": int8.nbytes(tree),
+        rows[name] = {"val_loss": nll, "perplexity": perplexity(nll), "bytes": int8.nbytes(stored),
                       "greedy_match": float(equal.mean()),
                       "tokens_before_first_difference": float(np.mean(
                           [int(np.argmin(r)) if not r.all() else new_tokens for r in equal]))}

@@ -1,9 +1,9 @@
-"""Attention: masked (einsum + masked softmax, tuned for CPU) and `jax.nn.dot_product_attention`
-(cuDNN's fused kernel where it applies), and the causal mask.
+"""Attention: masked (einsum + masked softmax) and `jax.nn.dot_product_attention` (cuDNN's
+fused kernel where it applies), and the causal mask.
 
-Keys and values enter the masked path as rows [B*H, S, D] (`heads_to_rows`): the products
-read them exactly as stored, which is what XLA:CPU wants (docs/design.md); the public
-shapes stay [B, T, H, D], heads on their own axis.
+Keys and values are [B, H, S, D] (heads on their own axis, as the cache holds them); on CPU
+the masked path reads them as rows [B*H, S, D], a free reshape, because XLA:CPU's products
+read that layout as stored (`gpt2jax.backend`, docs/design.md#cache-rows).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gpt2jax import backend
 from gpt2jax.config import GPTConfig
 
 
@@ -33,23 +34,30 @@ def masked_softmax(scores_BHTS, mask_BTS, probs_dropout=None):
     return probs_BHTS if probs_dropout is None else probs_dropout(probs_BHTS)
 
 
-def masked_attention(q_BTHD, k_NSD, v_NSD, mask_BTS, probs_dropout=None):
-    """Scaled dot-product attention over keys/values in rows [B*H, S, D] (`heads_to_rows`).
+def masked_attention(q_BTHD, k_BHSD, v_BHSD, mask_BTS, probs_dropout=None):
+    """Scaled dot-product attention of q [B, T, H, D] over keys/values [B, H, S, D].
 
-    Scores and softmax in float32 whatever the inputs. The products take the key/value rows
-    exactly as stored: a key operand needing a transpose (q left in [B, T, H, D]: 4x slower
-    decode attention, measured) or even a reshape (it makes XLA duplicate the cache update
-    and copy the buffer every step) costs more than the attention itself."""
+    Scores and softmax in float32 whatever the inputs. On CPU the products take the key and
+    value rows [B*H, S, D] exactly as stored: a key operand needing a transpose (4x slower
+    decode attention, measured) costs more than the attention itself."""
     B, T, H, D = q_BTHD.shape
-    scores_NTS = jnp.einsum(
-        "NTD,NSD->NTS", heads_to_rows(q_BTHD), k_NSD, preferred_element_type=jnp.float32
-    ) * D**-0.5
-    probs_BHTS = masked_softmax(scores_NTS.reshape(B, H, T, -1), mask_BTS, probs_dropout)
-    out_NTD = jnp.einsum(
-        "NTS,NSD->NTD", probs_BHTS.reshape(B * H, T, -1).astype(v_NSD.dtype), v_NSD,
-        preferred_element_type=jnp.float32,
-    )
-    return rows_to_heads(out_NTD, B).astype(q_BTHD.dtype)
+    S = k_BHSD.shape[2]
+    if backend.cpu_layouts():
+        scores_NTS = jnp.einsum("NTD,NSD->NTS", heads_to_rows(q_BTHD), k_BHSD.reshape(B * H, S, D),
+                                preferred_element_type=jnp.float32)
+        scores_BHTS = scores_NTS.reshape(B, H, T, S)
+    else:
+        scores_BHTS = jnp.einsum("BTHD,BHSD->BHTS", q_BTHD, k_BHSD,
+                                 preferred_element_type=jnp.float32)
+    probs_BHTS = masked_softmax(scores_BHTS * D**-0.5, mask_BTS, probs_dropout).astype(
+        v_BHSD.dtype)
+    if backend.cpu_layouts():
+        out_NTD = jnp.einsum("NTS,NSD->NTD", probs_BHTS.reshape(B * H, T, S),
+                             v_BHSD.reshape(B * H, S, D), preferred_element_type=jnp.float32)
+        return rows_to_heads(out_NTD, B).astype(q_BTHD.dtype)
+    out_BTHD = jnp.einsum("BHTS,BHSD->BTHD", probs_BHTS, v_BHSD,
+                          preferred_element_type=jnp.float32)
+    return out_BTHD.astype(q_BTHD.dtype)
 
 
 def _cudnn_applies(dtype, head_dim: int) -> bool:

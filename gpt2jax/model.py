@@ -27,16 +27,11 @@ from gpt2jax import positions as pos_lib
 from gpt2jax.attention import (
     causal_mask,
     dot_product_attention,
-    heads_to_rows,
     masked_attention,
     uses_dot_product_attention,
 )
 from gpt2jax.config import GPTConfig
-from gpt2jax.quant import int8
-
-
-def _dtype(name: str):
-    return jnp.dtype(name)
+from gpt2jax.layers import Embed, Linear, Norm, dense, param, weight
 
 
 def token_embedding_scale(config: GPTConfig) -> float:
@@ -60,90 +55,6 @@ def _scaled_normal(std: float):
         return (jax.random.normal(key, shape, jnp.float32) * std).astype(dtype)
 
     return init
-
-
-def _param(module: nn.Module, name: str, init: Callable, shape: tuple, dtype):
-    """module.param, except that an int8 QTensor stored transposed (W8A8) is checked by its
-    logical shape: Flax's own check compares the first leaf, the [out, in] values."""
-    if module.has_variable("params", name):
-        value = module.get_variable("params", name)
-        if isinstance(value, int8.QTensor):
-            if tuple(value.shape[-len(shape):]) != tuple(shape):
-                raise ValueError(f"{'/'.join(module.path)}/{name} is int8 of shape "
-                                 f"{value.shape}; the model expects {shape}")
-            return value
-    return module.param(name, init, shape, dtype)
-
-
-class Embed(nn.Module):
-    """An embedding table [num, features]; the rows of a QTensor table are gathered as int8."""
-
-    num: int
-    features: int
-    config: GPTConfig
-
-    def setup(self):
-        self.embedding = self.param(
-            "embedding", nn.initializers.normal(self.config.init_std),
-            (self.num, self.features), _dtype(self.config.param_dtype))
-
-    def __call__(self, ids):
-        return int8.take(self.embedding, ids, self.config.dtype)
-
-
-class Linear(nn.Module):
-    """y = dense(x, kernel) + adapter(x) + bias. The kernel (in, out) is float or int8
-    (`int8.matmul` dispatches on the kind); the adapter is a LoRA pair {a, b} when the 'lora'
-    collection holds one for this module, its input dropped at rate `adapter_dropout` while
-    training (peft's `lora_B(lora_A(dropout(x)))`: the frozen path sees the whole x)."""
-
-    features: int
-    config: GPTConfig
-    kernel_init: Callable = nn.initializers.normal(0.02)
-    use_bias: bool = True
-    deterministic: bool = True
-    adapter_dropout: float = 0.0
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        kernel = _param(self, "kernel", self.kernel_init, (x.shape[-1], self.features),
-                        _dtype(c.param_dtype))
-        y = int8.matmul(x, kernel, c.dtype)
-        if self.has_variable("lora", "a"):
-            y = y + self.adapter(x, y.dtype)
-        if self.use_bias and c.bias:
-            bias = self.param("bias", nn.initializers.zeros, (self.features,), c.param_dtype)
-            y = y + bias.astype(c.dtype)
-        return y
-
-    def adapter(self, x, dtype):
-        a, b = (self.get_variable("lora", name).astype(dtype) for name in ("a", "b"))
-        if self.adapter_dropout > 0 and not self.deterministic:
-            keep = 1.0 - self.adapter_dropout
-            kept = jax.random.bernoulli(self.make_rng("dropout"), keep, x.shape)
-            x = jnp.where(kept, x / keep, 0.0)
-        return (x.astype(dtype) @ a) @ b
-
-
-class Norm(nn.Module):
-    """LayerNorm or RMSNorm, always computed in float32 (bf16 statistics drift)."""
-
-    config: GPTConfig
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        x32 = x.astype(jnp.float32)
-        d = x.shape[-1]
-        if c.norm == "layernorm":
-            x32 = x32 - x32.mean(-1, keepdims=True)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, -1, keepdims=True) + c.layer_norm_epsilon)
-        # as_float: the int8 ablation quantizes norm leaves too
-        y = y * int8.as_float(self.param("scale", nn.initializers.ones, (d,), c.param_dtype))
-        if c.norm == "layernorm" and c.bias:
-            y = y + int8.as_float(self.param("bias", nn.initializers.zeros, (d,), c.param_dtype))
-        return y.astype(c.dtype)
 
 
 def xavier_normal(*gains: float) -> Callable:
@@ -203,8 +114,8 @@ class Attention(nn.Module):
             dropout = nn.Dropout(c.dropout, deterministic=False) if dropout_active else None
             out_BTHD = masked_attention(
                 q_BTHD,
-                heads_to_rows(k_BTHD),
-                heads_to_rows(v_BTHD),
+                k_BTHD.transpose(0, 2, 1, 3),
+                v_BTHD.transpose(0, 2, 1, 3),
                 causal_mask(jnp.broadcast_to(jnp.arange(T), (B, T)), T),
                 dropout,
             )
@@ -317,18 +228,13 @@ class GPT(nn.Module):
         if c.tie_embeddings:
             head = wte.embedding
         else:
-            head = _param(self, "lm_head", nn.initializers.normal(c.init_std),
-                          (c.n_embd, c.vocab_size), _dtype(c.param_dtype))
+            head = param(self, "lm_head", nn.initializers.normal(c.init_std),
+                         (c.n_embd, c.vocab_size), c.param_dtype)
         if self.hidden_only:  # the fused head cross-entropy (gpt2jax.loss) does the rest
-            head_VD = int8.as_float(head, c.dtype)
+            head_VD = weight(head).dequantize(c.dtype)
             return (x, head_VD if c.tie_embeddings else head_VD.T), cache
-        if c.tie_embeddings:  # float or int8 wte
-            logits = int8.head_logits(x, head if isinstance(head, int8.QTensor)
-                                      else head.astype(c.dtype))
-        else:  # an untied head [D, V] is a kernel
-            logits = int8.matmul(x, head, jnp.float32) if isinstance(head, int8.QTensor) else \
-                jnp.einsum("BTD,DV->BTV", x, head.astype(c.dtype),
-                           preferred_element_type=jnp.float32)
+        # the tied head is wte [V, D], an untied one a kernel [D, V]
+        logits = dense(x, head, c.dtype, transpose=c.tie_embeddings, out_dtype=jnp.float32)
         return logits.astype(jnp.float32), cache
 
 

@@ -2,7 +2,7 @@
 
     python -m gpt2jax.quantize --ckpt out/shakespeare --out out/shakespeare-int8 \\
         [--mode weights|w8a8] [--embeddings] [--smooth ALPHA [--calibration FILE]] \\
-        [--granularity channel|tensor] [--norms-too]
+        [--granularity channel|tensor]
 
 `--mode w8a8` quantizes the activations too (int8 x int8 dots, faster decode); `--smooth`
 first migrates the LayerNorm outputs' outlier channels into the kernels (SmoothQuant),
@@ -49,7 +49,8 @@ def calibrate(params, config: GPTConfig, tokens_BT) -> dict:
 def _calibrate(params, tokens_BT, config):
     """{'h/0/attn/c_attn': max |input| per channel [D], ...} of every Linear, observed by
     intercepting the Linears' calls (the model itself has no calibration branch)."""
-    from gpt2jax.model import GPT, Linear  # model imports quant; this module sits above both
+    from gpt2jax.layers import Linear
+    from gpt2jax.model import GPT  # this module sits above the model
 
     absmax = {}
 
@@ -106,15 +107,12 @@ def build_parser() -> cli.ArgumentParser:
                    help="text for --smooth's calibration (default: Tiny Shakespeare)")
     p.add_argument("--calibration-tokens", type=int, default=CALIBRATION_TOKENS)
     p.add_argument("--granularity", choices=int8.GRANULARITIES, default="channel")
-    p.add_argument("--norms-too", action="store_true",
-                   help="ablation: quantize the norm leaves as well")
     return p
 
 
 def _quantize(args) -> None:
-    recorded = {"granularity": args.granularity, "skip": "norms_too" if args.norms_too
-                else "default", "mode": args.mode, "embeddings": args.embeddings,
-                "smooth_alpha": args.smooth}
+    recorded = {"granularity": args.granularity, "skip": "default", "mode": args.mode,
+                "embeddings": args.embeddings, "smooth_alpha": args.smooth}
     config, params = sources.load_checkpoint(args.ckpt)
     float_params = params
     if args.smooth is not None:

@@ -82,20 +82,36 @@ def test_quantized_124m_forward_close_under_jit():
     np.testing.assert_allclose(out, deq, atol=1e-4 * float(jnp.abs(ref).max()))
 
 
-def test_norm_ablation_quantizes_norm_leaves(small_params):
-    q = int8.quantize(small_params, skip=int8.skip_embeddings_and_biases)
-    assert _is_q(q["h"]["0"]["ln_1"]["scale"]) and _is_q(q["ln_f"]["bias"])
-    assert not _is_q(q["wte"]["embedding"]) and not _is_q(q["h"]["0"]["mlp"]["c_fc"]["bias"])
-    # a trained-looking norm scale: the ablation's forward runs and differs from float
+def test_norm_ablation_is_quantize_then_dequantize_in_eval(small_params):
+    """The library never quantizes a norm leaf (the model's Norm reads float γ, β); the
+    ablation stores them int8 and evaluates them rounded back."""
+    from eval.quantization import as_evaluated, norms_at
+
+    assert not _is_q(int8.quantize(small_params, embeddings=True)["h"]["0"]["ln_1"]["scale"])
     trained = jax.tree_util.tree_map(lambda x: x, small_params)
-    for i, layer in trained["h"].items():
+    for i, layer in trained["h"].items():  # trained-looking norm scales, so rounding shows
         layer["ln_1"]["scale"] = 1 + 0.3 * jax.random.normal(jax.random.key(int(i)), (64,))
+    stored = norms_at(8)(trained, None)
+    assert _is_q(stored["h"]["0"]["ln_1"]["scale"]) and _is_q(stored["ln_f"]["bias"])
+    assert _is_q(stored["h"]["0"]["mlp"]["c_fc"]["kernel"])
+    assert not _is_q(stored["wte"]["embedding"])
+    assert not _is_q(stored["h"]["0"]["mlp"]["c_fc"]["bias"])
+    evaluated = as_evaluated(stored)
+    scale = evaluated["h"]["0"]["ln_1"]["scale"]
+    assert not _is_q(scale) and _is_q(evaluated["h"]["0"]["mlp"]["c_fc"]["kernel"])
+    np.testing.assert_array_equal(scale, stored["h"]["0"]["ln_1"]["scale"].dequantize())
     tokens = jnp.arange(16)[None]
-    ref, _ = gpt2jax.forward(trained, tokens, SMALL)
-    out, _ = gpt2jax.forward(int8.quantize(trained, skip=int8.skip_embeddings_and_biases),
-                             tokens, SMALL)
+    kernels_only, _ = gpt2jax.forward(int8.quantize(trained), tokens, SMALL)
+    out, _ = gpt2jax.forward(evaluated, tokens, SMALL)
     chex.assert_tree_all_finite(out)
-    assert not np.allclose(out, ref)
+    assert not np.allclose(out, kernels_only)  # the rounded norms change the logits
+
+
+def test_a_checkpoint_recorded_with_int8_norms_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="skip='norms_too'.*python -m gpt2jax.quantize"):
+        int8.options({"granularity": "channel", "skip": "norms_too"})
+    assert int8.options({"granularity": "tensor", "skip": "default"}) == {
+        "granularity": "tensor", "mode": "weights", "embeddings": False}
 
 
 def test_dequantize_round_trip(small_params):
@@ -215,7 +231,7 @@ def test_w8a8_dot_equals_float_reference_of_the_quantized_operands(rows, granula
     x = jax.random.normal(jax.random.key(1), (rows, 96)) * jnp.linspace(0.1, 8, 96)
     q = int8.quantize_array(w, granularity=granularity, activations="int8")
     assert q.transposed and q.values.shape == (160, 96) and q.shape == (96, 160)
-    y = np.asarray(jax.jit(int8.int8_dot)(x, q), np.float64)
+    y = np.asarray(jax.jit(lambda x, q: q.dot(x, jnp.float32))(x, q), np.float64)
     ref = _reference_w8a8(x, q)
     assert np.linalg.norm(y - ref) <= 1e-5 * np.linalg.norm(ref)
     # and it is W8A8: the int8 products differ from float x times the same int8 kernel
@@ -225,7 +241,7 @@ def test_w8a8_dot_equals_float_reference_of_the_quantized_operands(rows, granula
 def test_w8a8_per_token_scale_of_an_all_zero_row():
     q = int8.quantize_array(jax.random.normal(jax.random.key(0), (32, 48)), activations="int8")
     x = jnp.zeros((3, 32)).at[1].set(jax.random.normal(jax.random.key(1), (32,)))
-    y = int8.int8_dot(x, q)
+    y = q.dot(x, jnp.float32)
     chex.assert_tree_all_finite(y)
     assert np.all(np.asarray(y)[[0, 2]] == 0) and np.any(np.asarray(y)[1] != 0)
 
@@ -397,3 +413,22 @@ def test_lora_merge_over_a_w8a8_base_stays_w8a8(small_params):
     exact = lora.merge(int8.dequantize(q), adapters)["h"]["0"]["attn"]["c_attn"]["kernel"]
     error = float(jnp.max(jnp.abs(kernel.dequantize() - exact)))
     assert error <= float(kernel.scale.max()) / 2 + 1e-6
+
+
+def test_w8a8_layouts_of_every_backend_give_the_same_logits(small_params, monkeypatch):
+    """The CPU layouts (kernels stored [out, in], one row padded to two) are a choice of
+    storage only: with them off (GPU, TPU) the same model gives the same logits."""
+    from gpt2jax import backend
+
+    tokens = jnp.arange(12)[None]
+    cpu = int8.quantize(small_params, mode="w8a8", embeddings=True)
+    cpu_logits, _ = gpt2jax.apply(cpu, tokens, SMALL)
+    one_row, _ = gpt2jax.apply(cpu, tokens[:, :1], SMALL)
+    monkeypatch.setattr(backend, "cpu_layouts", lambda: False)
+    plain = int8.quantize(small_params, mode="w8a8", embeddings=True)
+    kernel = plain["h"]["0"]["attn"]["c_attn"]["kernel"]
+    assert not kernel.transposed and kernel.values.shape == kernel.shape == (64, 192)
+    np.testing.assert_allclose(gpt2jax.apply(plain, tokens, SMALL)[0], cpu_logits,
+                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(gpt2jax.apply(plain, tokens[:, :1], SMALL)[0], one_row,
+                               rtol=0, atol=1e-5)

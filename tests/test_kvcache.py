@@ -29,7 +29,23 @@ def _step(params, tokens, cache, config):
 
 @pytest.mark.parametrize("pos,placement", list(itertools.product(POS_EMBEDDINGS, NORM_PLACEMENTS)))
 def test_ragged_prefill_then_decode_equals_full_forward(pos, placement):
-    config = GPTConfig(**TINY, pos_embedding=pos, norm_placement=placement)
+    _check_ragged_decode(GPTConfig(**TINY, pos_embedding=pos, norm_placement=placement))
+
+
+def test_cache_without_the_cpu_layouts_equals_full_forward(monkeypatch):
+    """Off CPU the cache is written and read as [B, H, S, D] directly, no rows."""
+    from gpt2jax import backend
+
+    monkeypatch.setattr(backend, "cpu_layouts", lambda: False)
+    jax.clear_caches()  # programs traced with the CPU layouts must not be reused
+    try:
+        _check_ragged_decode(GPTConfig(**TINY, pos_embedding="rope"))
+    finally:
+        jax.clear_caches()
+
+
+def _check_ragged_decode(config):
+    pos, placement = config.pos_embedding, config.norm_placement
     params = init_params(config, jax.random.key(0))
     B, T = 2, 12
     tokens = jax.random.randint(jax.random.key(1), (B, T), 0, config.vocab_size)

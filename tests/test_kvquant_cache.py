@@ -77,9 +77,9 @@ def test_codes_are_the_quantized_post_rope_keys_and_values(pos):
     # keys (stored after RoPE) and values. Allow a few index flips for a rounding-level
     # difference in how the two programs compute k.
     k_quantizer, v_quantizer = coded.quantizers(0)
-    for quantizer, x, codes in [(k_quantizer, floats.k[0], coded.k[0]),
-                                (v_quantizer, floats.v[0], coded.v[0])]:
-        want = quantizer.quantize(x[:, :T])
+    for quantizer, x_BHSD, codes in [(k_quantizer, floats.k[0], coded.k[0]),
+                                     (v_quantizer, floats.v[0], coded.v[0])]:
+        want = quantizer.quantize(x_BHSD.reshape(B * config.n_head, S, -1)[:, :T])  # its rows
         got = jax.tree.map(lambda a: a[:, :T], codes)
         for w, g in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(got),
                         strict=True):
@@ -159,7 +159,9 @@ def test_window_reads_the_slots_it_still_holds_and_codes_for_the_rest():
             coded = np.asarray(quantizer.dequantize(quantizer.quantize(rows)))
             eff[name] = np.where(np.repeat(exact, H, axis=0)[:, :, None], rows, coded)
         mask = np.arange(S)[None, None, :] <= q_pos[:, :, None]
-        want = masked_attention(jnp.asarray(q), eff["k"], eff["v"], jnp.asarray(mask))
+        as_heads = lambda rows: jnp.asarray(rows).reshape(B, H, S, D)
+        want = masked_attention(jnp.asarray(q), as_heads(eff["k"]), as_heads(eff["v"]),
+                                jnp.asarray(mask))
         got = attend(cache, jnp.asarray(q), jnp.asarray(q_pos, jnp.int32), k, v)
         np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
         return held

@@ -191,7 +191,7 @@ def test_dropout_masks_the_adapter_input_only_and_is_unbiased():
     no-dropout output within 5 standard errors per entry; the frozen x @ K never sees a
     mask (with B = 0 the training output is exactly x @ K); dropout is the Linear's argument,
     off when deterministic."""
-    from gpt2jax.model import Linear
+    from gpt2jax.layers import Linear
 
     p, n = 0.3, 4000
     adapters = _randomize_b(lora.init(lora.LoRAConfig(4, 16, ("c_fc",)), BASE,

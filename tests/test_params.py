@@ -9,7 +9,8 @@ import pytest
 
 from gpt2jax import params
 from gpt2jax.config import GPTConfig
-from gpt2jax.model import GPT, Embed, Linear, Norm, param_breakdown, param_spec
+from gpt2jax.layers import Embed, Linear, Norm
+from gpt2jax.model import GPT, param_breakdown, param_spec
 
 TINY = dict(vocab_size=64, block_size=8, n_layer=2, n_head=2, n_embd=16)
 # which class makes which leaf, and the role that leaf has

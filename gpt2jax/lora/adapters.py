@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from gpt2jax.config import GPTConfig
-from gpt2jax.quant import int8
+from gpt2jax.layers import FloatWeight, weight
 
 # target name -> (module path in the param tree, adapter slots)
 TARGETS = {
@@ -191,22 +191,21 @@ def delta_norm(adapters: Adapters) -> float:
 
 
 def _add_to_kernel(kernel, delta, requantize: bool | None, where: str):
-    """kernel + delta; an int8 kernel is dequantized first, then quantized again (same
+    """kernel + delta; a quantized kernel is dequantized first, then quantized again (same
     granularity and mode) or left float as `requantize` says."""
     if tuple(kernel.shape) != delta.shape:
         raise ValueError(
             f"{where}: adapter delta {tuple(delta.shape)} does not fit the kernel "
             f"{tuple(kernel.shape)}: merge into the base the adapters were made for")
-    if not isinstance(kernel, int8.QTensor):  # jnp.asarray: hf.load gives numpy arrays
-        return jnp.asarray(kernel) + delta
+    kernel = weight(kernel)
+    if isinstance(kernel, FloatWeight):
+        return kernel.array + delta
     if requantize is None:
         raise ValueError(
             f"{where} is int8: pass requantize=True to round the merged kernel to int8 again "
             f"(int8 size, int8 error) or requantize=False to keep it float32 (exact, 4x bytes)")
-    merged = jnp.asarray(kernel.dequantize()) + delta
-    if not requantize:
-        return merged
-    return int8.requantize_like(kernel, merged)
+    merged = kernel.dequantize() + delta
+    return kernel.requantize(merged) if requantize else merged
 
 
 def _apply_deltas(params, adapters: Adapters, sign: float, requantize: bool | None):

@@ -2,34 +2,34 @@
 
 `quantize(params)` returns a tree of the same structure in which every eligible matmul kernel
 is a `QTensor` (int8 values + float32 scales); the same `forward` / `generate` run on it,
-because `Linear` multiplies through `matmul`, the embedding reads through `take` and the
-tied head through `head_logits`.
+because a QTensor answers the weight-kind members that the layers call (`gpt2jax.layers`:
+`dot`, `take`, `dequantize`, `shape`).
 
 Two modes:
 - `mode="weights"` (default): int8 kernels, float activations. The int8 values are cast to
   float before a float matmul: 4x smaller kernels, no faster (the cast is a float copy).
 - `mode="w8a8"`: `Linear` also quantizes its input per token (symmetric absmax int8, at run
-  time) and runs an int8 x int8 -> int32 dot, rescaled by token scale x column scale. Its
-  kernels are stored [out, in], the layout XLA:CPU's int8 dot reads fastest (docs/design.md#w8a8).
+  time) and runs an int8 x int8 -> int32 dot, rescaled by token scale x column scale. On CPU
+  its kernels are stored [out, in], the layout XLA:CPU's int8 dot reads fastest
+  (`gpt2jax.backend`).
   GPT-2's LayerNorm outputs carry a few large channels that a per-token scale spends its
   range on; `smooth` (SmoothQuant, arXiv:2211.10438 §4) moves them into the kernels first.
 
 By default only the linear layers' kernels are quantized (`c_attn`, `attn.c_proj`, `c_fc`,
 `mlp.c_proj`): norm scales and biases, every bias, and the embeddings stay float.
 `embeddings=True` quantizes `wte` with one scale per row (a row of `wte` is a column of the
-tied head) and an untied `lm_head` as a kernel. `skip_embeddings_and_biases` quantizes the
-norm leaves too, the ablation that measures why they are skipped.
+tied head) and an untied `lm_head` as a kernel. Norm leaves are never quantized here; the
+ablation that measures why is a transform of its own (`eval.quantization`).
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
+from gpt2jax import backend
 from gpt2jax import params as params_lib
 
 GRANULARITIES = ("channel", "tensor")
@@ -59,6 +59,28 @@ class QTensor:
         w = self.values.astype(dtype) * self.scale.astype(dtype)
         return jnp.swapaxes(w, -1, -2) if self.transposed else w
 
+    def dot(self, x, dtype, *, transpose: bool = False, out_dtype=None) -> jax.Array:
+        """x @ w (x @ wᵀ with `transpose`); the scale multiplies after the product (equal to
+        dequantize-then-matmul, but the int8 tensor is what is read). W8A8 runs int8 x int8."""
+        out_first = self.transposed != transpose  # values are [out, in]
+        scale_O = self.scale.reshape(-1)  # one per output column, or one in all
+        out_dtype = out_dtype or dtype
+        if self.activations == "int8":
+            return int8_dot(x, self.values, scale_O, out_first=out_first).astype(out_dtype)
+        contract = (((x.ndim - 1,), (1 if out_first else 0,)), ((), ()))
+        y = jax.lax.dot_general(x.astype(dtype), self.values.astype(dtype), contract,
+                                preferred_element_type=out_dtype)
+        return y * scale_O.astype(out_dtype)
+
+    def take(self, ids, dtype) -> jax.Array:
+        """Rows `ids` of a table quantized by rows: gathered as int8, then scaled."""
+        rows = jnp.take(self.values, ids, axis=0).astype(dtype)
+        return rows * jnp.take(self.scale, ids, axis=0).astype(dtype)
+
+    def requantize(self, w: jax.Array) -> QTensor:
+        """Float kernel `w` [..., in, out] quantized as this one was (granularity, mode)."""
+        return quantize_array(w, granularity=granularity_of(self), activations=self.activations)
+
 
 def is_kernel_leaf(path) -> bool:
     """A Linear's kernel (the param spec's role 'kernel')."""
@@ -67,16 +89,6 @@ def is_kernel_leaf(path) -> bool:
 
 def is_norm_leaf(path) -> bool:
     return params_lib.role(path) == "norm"
-
-
-def default_skip(path, leaf) -> bool:
-    """Keep everything float except the linear layers' kernels."""
-    return not is_kernel_leaf(path)
-
-
-def skip_embeddings_and_biases(path, leaf) -> bool:
-    """Ablation: quantize the norm leaves (scale and bias) too."""
-    return not (is_kernel_leaf(path) or is_norm_leaf(path))
 
 
 def absmax_quantize(w: jax.Array, axes: tuple[int, ...], bits: int = 8
@@ -96,12 +108,12 @@ def quantize_array(w: jax.Array, *, granularity: str = "channel", kernel: bool =
     """Symmetric absmax int8 in [-127, 127].
 
     Kernels [..., in, out]: one scale per output column ("channel") or per matrix ("tensor");
-    a leading layer axis keeps its own scales; with int8 activations the values are stored
-    transposed, [..., out, in]. Vectors [..., D]: one scale per vector."""
+    a leading layer axis keeps its own scales; with int8 activations on CPU the values are
+    stored transposed, [..., out, in] (`gpt2jax.backend`). Vectors [..., D]: one per vector."""
     w = jnp.asarray(w, jnp.float32)
-    if kernel and activations == "int8":
+    if kernel and activations == "int8" and backend.cpu_layouts():
         values, scale = absmax_quantize(jnp.swapaxes(w, -1, -2),
-                                     (-1,) if granularity == "channel" else (-2, -1))
+                                        (-1,) if granularity == "channel" else (-2, -1))
         return QTensor(values, scale, activations, transposed=True)
     axes = (-2,) if kernel and granularity == "channel" else (-2, -1) if kernel else (-1,)
     return QTensor(*absmax_quantize(w, axes), activations)
@@ -118,11 +130,6 @@ def granularity_of(q: QTensor) -> str:
     return "channel" if q.scale.size > np.prod(q.scale.shape[:-2], dtype=int) else "tensor"
 
 
-def requantize_like(q: QTensor, w: jax.Array) -> QTensor:
-    """Float kernel `w` [..., in, out] quantized as `q` was (granularity, mode, layout)."""
-    return quantize_array(w, granularity=granularity_of(q), activations=q.activations)
-
-
 def _check_quantizable(params) -> None:
     for path, leaf in jax.tree_util.tree_leaves_with_path(
         params, is_leaf=lambda x: isinstance(x, QTensor)
@@ -137,9 +144,9 @@ def _check_quantizable(params) -> None:
 
 
 def quantize(params, *, mode: str = "weights", embeddings: bool = False,
-             skip: Callable = default_skip, granularity: str = "channel"):
-    """The param tree with every leaf that `skip(path, leaf)` rejects replaced by a QTensor,
-    plus `wte` (and an untied `lm_head`) when `embeddings`."""
+             granularity: str = "channel"):
+    """The param tree with every Linear kernel (the param spec's role 'kernel') replaced by a
+    QTensor, plus `wte` (and an untied `lm_head`) when `embeddings`; the rest stays float."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r} is invalid: choose one of {MODES} ('weights': int8 "
                          f"kernels, float activations; 'w8a8': int8 activations too)")
@@ -151,34 +158,31 @@ def quantize(params, *, mode: str = "weights", embeddings: bool = False,
     def convert(path, leaf):
         if embeddings and params_lib.keys(path) == ("wte", "embedding"):
             return quantize_rows(leaf, activations)
-        if embeddings and params_lib.role(path) == "head":
+        if is_kernel_leaf(path) or (embeddings and params_lib.role(path) == "head"):
             return quantize_array(leaf, granularity=granularity, activations=activations)
-        if skip(path, leaf):
-            return leaf
-        kernel = is_kernel_leaf(path)
-        return quantize_array(leaf, granularity=granularity, kernel=kernel,
-                              activations=activations if kernel else "float")
+        return leaf
 
     return jax.tree_util.tree_map_with_path(convert, params)
 
 
-_SKIPS = {"default": default_skip, "norms_too": skip_embeddings_and_biases}
-
-
 def options(recorded: dict) -> dict:
     """quantize() keyword arguments from what a quantized checkpoint records
-    ({"granularity": ..., "skip": "default" | "norms_too", "mode": ..., "embeddings": ...};
-    checkpoints written before W8A8 lack the last two)."""
-    return {"granularity": recorded["granularity"], "skip": _SKIPS[recorded["skip"]],
-            "mode": recorded.get("mode", "weights"),
+    ({"granularity": ..., "skip": "default", "mode": ..., "embeddings": ...}; checkpoints
+    written before W8A8 lack the last two)."""
+    if recorded.get("skip", "default") != "default":
+        raise ValueError(
+            f"this checkpoint was quantized with skip={recorded['skip']!r} (norm leaves int8), "
+            f"an ablation the library no longer stores: quantize the float checkpoint again "
+            f"(python -m gpt2jax.quantize), or run the ablation with python -m eval.quantization")
+    return {"granularity": recorded["granularity"], "mode": recorded.get("mode", "weights"),
             "embeddings": recorded.get("embeddings", False)}
 
 
 def dequantize(params):
     """Float tree back from a quantized one (float leaves pass through untouched)."""
     return jax.tree_util.tree_map(
-        as_float, params, is_leaf=lambda x: isinstance(x, QTensor)
-    )
+        lambda x: x.dequantize() if isinstance(x, QTensor) else x, params,
+        is_leaf=lambda x: isinstance(x, QTensor))
 
 
 def is_quantized(params) -> bool:
@@ -226,14 +230,7 @@ def smooth(params, input_absmax: dict, alpha: float = 0.5):
     return {**params, "h": out}
 
 
-# ---------------------------------------------------------------------------- model hooks
-
-
-def as_float(param, dtype=jnp.float32):
-    """A param as a float array whether or not it was quantized."""
-    if isinstance(param, QTensor):
-        return param.dequantize(dtype)
-    return param
+# ---------------------------------------------------------------------------- W8A8
 
 
 def quantize_activations(x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -241,48 +238,18 @@ def quantize_activations(x_ND: jax.Array) -> tuple[jax.Array, jax.Array]:
     return absmax_quantize(x_ND.astype(jnp.float32), (-1,))
 
 
-def int8_dot(x, q: QTensor) -> jax.Array:
-    """float32 x [..., in] times a W8A8 `q` (values [out, in]) through int8 x int8 -> int32.
+def int8_dot(x, values, scale_O, *, out_first: bool) -> jax.Array:
+    """float32 x [..., in] times int8 `values` ([out, in] when `out_first`, else [in, out])
+    through int8 x int8 -> int32, rescaled by token scale x `scale_O`.
 
-    One row is padded to two: XLA:CPU's int8 dot takes a slow path for a single row
-    (768x2304: 491 µs, against 96 µs for two rows; docs/design.md#w8a8)."""
+    On CPU one row is padded to two (`gpt2jax.backend`)."""
     lead, d_in = x.shape[:-1], x.shape[-1]
     x_ND = x.reshape(-1, d_in)
     n = x_ND.shape[0]
-    if n == 1:
+    if n == 1 and backend.cpu_layouts():
         x_ND = jnp.concatenate([x_ND, jnp.zeros_like(x_ND)])
     xq_ND, xs_N1 = quantize_activations(x_ND)
-    acc_NO = jax.lax.dot_general(xq_ND, q.values, (((1,), (1,)), ((), ())),
+    acc_NO = jax.lax.dot_general(xq_ND, values, (((1,), (1 if out_first else 0,)), ((), ())),
                                  preferred_element_type=jnp.int32)
-    y_NO = acc_NO.astype(jnp.float32) * xs_N1 * q.scale.reshape(1, -1)
+    y_NO = acc_NO.astype(jnp.float32) * xs_N1 * scale_O.reshape(1, -1)
     return y_NO[:n].reshape(*lead, -1)
-
-
-def matmul(x, kernel, dtype):
-    """x @ kernel in `dtype`; a quantized kernel multiplies its scale after the matmul
-    (equal to dequantize-then-matmul, but the int8 tensor is what is read)."""
-    if isinstance(kernel, QTensor) and kernel.activations == "int8":
-        return int8_dot(x, kernel).astype(dtype)
-    if isinstance(kernel, QTensor):
-        y = jnp.dot(x.astype(dtype), kernel.values.astype(dtype))
-        return y * kernel.scale.reshape(kernel.scale.shape[-1:]).astype(dtype)
-    return jnp.dot(x.astype(dtype), kernel.astype(dtype))
-
-
-def take(table, ids, dtype):
-    """Rows `ids` of an embedding table, float or int8 (gathered as int8, then scaled)."""
-    if isinstance(table, QTensor):
-        rows = jnp.take(table.values, ids, axis=0).astype(dtype)
-        return rows * jnp.take(table.scale, ids, axis=0).astype(dtype)
-    return jnp.take(jnp.asarray(table), ids, axis=0).astype(dtype)
-
-
-def head_logits(x_BTD, head_VD) -> jax.Array:
-    """float32 logits x @ head_VDᵀ; a W8A8 `wte` multiplies through its int8 values."""
-    if isinstance(head_VD, QTensor) and head_VD.activations == "int8":
-        return int8_dot(x_BTD, head_VD)
-    if isinstance(head_VD, QTensor):
-        logits = jnp.einsum("BTD,VD->BTV", x_BTD, head_VD.values.astype(x_BTD.dtype),
-                            preferred_element_type=jnp.float32)
-        return logits * head_VD.scale[:, 0]
-    return jnp.einsum("BTD,VD->BTV", x_BTD, head_VD, preferred_element_type=jnp.float32)
