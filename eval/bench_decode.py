@@ -30,14 +30,17 @@ and loaded by GPT2LMHeadModel), same threads (the cores this process may use), g
 --quick runs 2 layers of the `baby` preset at 128 dims with a 512-token vocabulary, length 32,
 batch 1 only, 1 call per cell: a smoke run.
 --readme writes docs/results.md's decode table from the JSON (`<!-- bench_decode:` markers).
+The JSON is a `DecodeResult` record (`eval.common.write_record`); readers look figures up
+through it (`DecodeResult.figure`, `.cell`) and compute every ratio from them.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -74,24 +77,150 @@ ROUNDS, QUICK_ROUNDS = 5, 1  # timed calls per side and cell (the median counts)
 # smoke run of the whole program, not a measurement
 INT8 = {"int8": dict(mode="weights"), "w8a8": dict(mode="w8a8"),
         "w8a8_emb": dict(mode="w8a8", embeddings=True)}
-TURBOQUANT = {"tq3": TurboQuantConfig(bits=3),  # headline sides gpt2jax_<tag>
+TURBOQUANT = {"tq3": TurboQuantConfig(bits=3),
               "tq4prod": TurboQuantConfig(bits=4, key_quantizer="prod")}
+NO_CACHE = "none"  # a figure's cache when every token recomputes the whole sequence
 
 
-def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 8) -> dict:
+@dataclasses.dataclass(frozen=True)
+class HeadlineFigure:
+    """One side's tokens/s of a whole `generate` call: the headline prompt + new tokens."""
+
+    side: str  # "gpt2jax", "hf" (transformers' generate) or "torch_loop"
+    cache: str  # "float32", a TURBOQUANT tag, or NO_CACHE
+    weights: str  # "float32" or an INT8 tag
+    batch: int
+    tok_s: float
+    compile_s: float  # the warm-up call's excess over the median; 0 for torch's sides
+    # share of the greedy tokens equal to float32 gpt2jax's in the same cell; None for that side
+    # itself, and where a run made before the records did not compare them
+    greedy_match: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepFigure:
+    """One side's decode rate at a total length: with the cache, the new tokens after the
+    first (the prefill subtracted); without it, every new token (each one full forward)."""
+
+    side: str  # "gpt2jax" or "hf"
+    cache: str  # "float32", a TURBOQUANT tag, or NO_CACHE
+    batch: int
+    length: int  # prompt + new tokens
+    new_tokens: int
+    steady_s: float  # median seconds of the call
+    prefill_s: float | None  # of the same call making 1 token; None without the cache
+    compile_s: float
+    tok_s: float  # NaN where the noise exceeded the decode time
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheBytes:
+    """The float32 cache at a sweep cell: its arrays' bytes (without the lengths) and the
+    formula's, 2 * n_layer * B * T * n_embd * 4."""
+
+    batch: int
+    length: int
+    arrays: int
+    formula: int
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightBytes:
+    total: int
+    per_step: int  # what a batch-1 decode step reads: all but wpe (it reads one row)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bandwidth:
+    """Best DRAM read GB/s of a jitted sum and of a matrix-vector product."""
+
+    sum_GBps: float
+    matvec_GBps: float
+
+    @property
+    def GBps(self) -> float:
+        return max(self.sum_GBps, self.matvec_GBps)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeResult:
+    preset: str  # or the checkpoint whose weights ran (--ckpt)
+    quick: bool
+    machine: common.Machine
+    code: str | None  # common.code_hash() at the run; None: run before records kept it
+    command: str | None
+    threads: int
+    jax: str
+    torch: str
+    transformers: str
+    xla_flags: str
+    omp_wait_policy: str
+    rounds: int  # timed calls per side and cell; the median counts
+    load_average_start: tuple[float, ...]
+    load_average_end: tuple[float, ...]
+    batches: tuple[int, ...]
+    lengths: tuple[int, ...]  # the sweep's total lengths
+    headline_prompt: int
+    headline_new_tokens: int
+    nocache_headline_new_tokens: int
+    bandwidth: Bandwidth  # the better of before and after the cells
+    weight_bytes: dict[str, WeightBytes]  # "float32" and each INT8 tag
+    kv_bytes_headline: dict[str, int]  # cache kind -> bytes at batch 1, headline length
+    kv_bytes_longest: dict[str, int]  # ... at batch 1, the longest length
+    headline: tuple[HeadlineFigure, ...]
+    sweep: tuple[SweepFigure, ...]
+    float32_cache_bytes: tuple[CacheBytes, ...]  # at every gpt2jax sweep cell
+
+    def figure(self, side: str = "gpt2jax", *, cache: str = "float32",
+               weights: str = "float32", batch: int = 1) -> HeadlineFigure:
+        return common.lookup(self.headline, side=side, cache=cache, weights=weights,
+                             batch=batch)
+
+    def cell(self, side: str = "gpt2jax", *, cache: str = "float32", batch: int,
+             length: int) -> SweepFigure:
+        return common.lookup(self.sweep, side=side, cache=cache, batch=batch, length=length)
+
+    def recomputed(self, batch: int, length: int) -> bool:
+        """Whether the sweep ran without the cache at this cell (batch 8 stops early)."""
+        return any((f.cache, f.batch, f.length) == (NO_CACHE, batch, length)
+                   for f in self.sweep)
+
+    def speedup(self, side: str, batch: int, length: int) -> float:
+        """The cache's decode rate over recomputing's, in the sweep."""
+        return (self.cell(side, batch=batch, length=length).tok_s
+                / self.cell(side, cache=NO_CACHE, batch=batch, length=length).tok_s)
+
+    def cache_bytes(self, batch: int, length: int) -> CacheBytes:
+        return common.lookup(self.float32_cache_bytes, batch=batch, length=length)
+
+    def bound_tok_s(self, weights: str = "float32") -> float:
+        """The batch-1 bound: a decode step must read every weight once from DRAM."""
+        return self.bandwidth.GBps * 1e9 / self.weight_bytes[weights].per_step
+
+    def int8_ratios(self, batch: int) -> dict[str, float]:
+        """{INT8 tag: its headline tok/s over float32's} at this batch."""
+        fp32 = self.figure(batch=batch).tok_s
+        return {tag: self.figure(weights=tag, batch=batch).tok_s / fp32 for tag in INT8}
+
+    def best_int8(self, batch: int) -> tuple[str, float]:
+        """(the fastest int8 mode, its speed over float32) at this batch."""
+        ratios = self.int8_ratios(batch)
+        best = max(ratios, key=ratios.get)
+        return best, ratios[best]
+
+
+def measure_read_bandwidth(nbytes: int = 1 << 30, repeats: int = 8) -> Bandwidth:
     """Best DRAM read GB/s of a jitted sum and of a matrix-vector product over `nbytes`."""
     rows = nbytes // (4 * 1024)
     a = jnp.ones((rows, 1024), jnp.float32)
     x = jnp.ones((1024,), jnp.float32)
-    out = {}
-    for name, fn, args in (("sum", jax.jit(jnp.sum), (a,)),
-                           ("matvec", jax.jit(jnp.dot), (a, x))):
+    best = []
+    for fn, args in ((jax.jit(jnp.sum), (a,)), (jax.jit(jnp.dot), (a, x))):
         fn(*args).block_until_ready()
-        best = min(_seconds(lambda fn=fn, args=args: fn(*args).block_until_ready())
-                   for _ in range(repeats))
-        out[f"{name}_GBps"] = a.nbytes / best / 1e9
-    out["GBps"] = max(out.values())
-    return out
+        seconds = min(_seconds(lambda fn=fn, args=args: fn(*args).block_until_ready())
+                      for _ in range(repeats))
+        best.append(a.nbytes / seconds / 1e9)
+    return Bandwidth(*best)
 
 
 def _seconds(fn) -> float:
@@ -101,21 +230,22 @@ def _seconds(fn) -> float:
 
 
 class Ours:
-    compiles = True
+    side, compiles = "gpt2jax", True
 
-    def __init__(self, config: GPTConfig, params, name: str = "gpt2jax", kv_cache=None):
+    def __init__(self, config: GPTConfig, params, weights: str = "float32",
+                 kv: str = "float32"):
         self.config, self.params = config, params
-        self.name, self.kv_cache = name, kv_cache
+        self.weights, self.kv = weights, kv  # kv: the cache kind, "float32" or a TURBOQUANT tag
 
     def __call__(self, prompts: np.ndarray, new: int, cache: bool) -> np.ndarray:
         out = generate(self.params, self.config, prompts.tolist(), max_new_tokens=new,
                        key=jax.random.key(0), temperature=0.0, use_cache=cache,
-                       kv_cache=self.kv_cache)
+                       kv_cache=TURBOQUANT.get(self.kv))
         return np.asarray(out)
 
 
 class HuggingFace:
-    name, compiles = "hf", False
+    side, compiles, weights, kv = "hf", False, "float32", "float32"
 
     def __init__(self, model):
         import torch
@@ -135,7 +265,7 @@ class TorchLoop(HuggingFace):
     """Greedy decoding as a bare loop over HF's model with a preallocated StaticCache: what
     PyTorch does without `generate`'s logits processors, stopping checks and bookkeeping."""
 
-    name = "torch_loop"
+    side = "torch_loop"
 
     def __call__(self, prompts: np.ndarray, new: int, cache: bool) -> np.ndarray:
         import transformers
@@ -163,45 +293,45 @@ def _call(side, prompts, new: int, cache: bool):
     out = side(prompts, new, cache)
     seconds = time.perf_counter() - t
     if out.shape != (prompts.shape[0], new):
-        raise RuntimeError(f"{side.name} returned {out.shape}, expected {(prompts.shape[0], new)}")
+        raise RuntimeError(f"{side.side} ({side.weights} weights, {side.kv} cache) returned "
+                           f"{out.shape}, expected {(prompts.shape[0], new)}")
     return seconds, out
 
 
 def timed(sides, prompts, new: int, cache: bool, rounds: int) -> dict:
-    """{side name: (compile s, median steady s, tokens [B, new])} over `rounds` calls each.
+    """{side: (compile s, median steady s, tokens [B, new])} over `rounds` calls each.
 
     Every side gets one untimed warm-up call first; then the sides take turns, so a busy
     spell of the shared cores hits all alike, and the median call counts. A side that
     compiles: its warm-up call's excess over the median is the compile time."""
-    first = {s.name: _call(s, prompts, new, cache)[0] for s in sides}
-    times, outs = {s.name: [] for s in sides}, {}
+    first = {s: _call(s, prompts, new, cache)[0] for s in sides}
+    times, outs = {s: [] for s in sides}, {}
     for _ in range(rounds):
         for s in sides:
-            seconds, outs[s.name] = _call(s, prompts, new, cache)
-            times[s.name].append(seconds)
-    compiles = {s.name for s in sides if s.compiles}
-    return {name: (max(first[name] - statistics.median(ts), 0.0) if name in compiles else 0.0,
-                   statistics.median(ts), outs[name]) for name, ts in times.items()}
+            seconds, outs[s] = _call(s, prompts, new, cache)
+            times[s].append(seconds)
+    return {s: (max(first[s] - statistics.median(ts), 0.0) if s.compiles else 0.0,
+                statistics.median(ts), outs[s]) for s, ts in times.items()}
 
 
-def measure(sides, prompts: np.ndarray, cache: bool, new: int, rounds: int) -> list[dict]:
-    """One row per side: decode tokens/s continuing `prompts` [B, P] by `new` tokens."""
+def measure(sides, prompts: np.ndarray, cache: bool, new: int, rounds: int) -> list[SweepFigure]:
+    """One figure per side: decode tokens/s continuing `prompts` [B, P] by `new` tokens."""
     B = prompts.shape[0]
     full = timed(sides, prompts, new, cache, rounds)
     if cache:  # subtract the prefill: a 1-token call on the same prompt
         prefill = timed(sides, prompts, 1, cache, rounds)
-    rows = []
-    for name, (compile_s, steady, _) in full.items():
-        row = {"impl": name, "cache": cache, "batch": B, "length": prompts.shape[1] + new,
-               "new_tokens": new, "steady_s": steady, "compile_s": compile_s}
+    figures = []
+    for side, (compile_s, steady, _) in full.items():
         if cache:
-            row["prefill_s"] = prefill[name][1]
-            decode_s = steady - row["prefill_s"]  # NaN, not a wild number, if noise wins
-            row["tok_s"] = B * (new - 1) / decode_s if decode_s > 0 else float("nan")
+            prefill_s = prefill[side][1]
+            decode_s = steady - prefill_s  # NaN, not a wild number, if noise wins
+            tok_s = B * (new - 1) / decode_s if decode_s > 0 else float("nan")
         else:  # each token is one full forward, the first one included
-            row["tok_s"] = B * new / steady
-        rows.append(row)
-    return rows
+            prefill_s, tok_s = None, B * new / steady
+        figures.append(SweepFigure(side.side, side.kv if cache else NO_CACHE, B,
+                                   prompts.shape[1] + new, new, steady, prefill_s, compile_s,
+                                   tok_s))
+    return figures
 
 
 def int8_variants(params) -> dict:
@@ -209,7 +339,8 @@ def int8_variants(params) -> dict:
     return {tag: int8.quantize(params, **kwargs) for tag, kwargs in INT8.items()}
 
 
-def run(preset: str, quick: bool, ckpt: str | None = None, lengths=None) -> dict:
+def run(preset: str, quick: bool, ckpt: str | None = None, lengths=None,
+        command: str | None = None) -> DecodeResult:
     import torch
     import transformers
 
@@ -234,32 +365,20 @@ def run(preset: str, quick: bool, ckpt: str | None = None, lengths=None) -> dict
     # a smoke run only checks the program: 64 MiB, not the 1 GiB that defeats the caches
     probe = dict(nbytes=1 << 26, repeats=2) if quick else {}
     bandwidth = measure_read_bandwidth(**probe)
-    wpe_bytes = params["wpe"]["embedding"].nbytes if "wpe" in params else 0
-    weight_bytes = int8.nbytes(params) - wpe_bytes  # a step reads one row of wpe
-    results = {
-        "preset": ckpt or preset, "quick": quick, "batches": list(batches),
-        "machine": common.machine(), "threads": threads,
-        "jax": jax.__version__, "torch": torch.__version__,
-        "transformers": transformers.__version__, "rounds": rounds,
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_start": os.getloadavg(),
-        "omp_wait_policy": os.environ["OMP_WAIT_POLICY"], "weight_bytes_per_step": weight_bytes,
-        "float32_bytes": int8.nbytes(params),
-    }
+    code, load_average_start = common.code_hash(), os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save(config, params, tmp)
         model = transformers.GPT2LMHeadModel.from_pretrained(tmp).eval()
     hf_sides = (HuggingFace(model), TorchLoop(model))
     ours = Ours(config, params)
     quantized = int8_variants(params)
-    int8_sides = tuple(Ours(config, q, f"gpt2jax_{tag}") for tag, q in quantized.items())
-    for tag, q in quantized.items():
-        results[f"{tag}_bytes"] = int8.nbytes(q)
-        results[f"{tag}_weight_bytes_per_step"] = int8.nbytes(q) - wpe_bytes
-    tq_sides = {tag: Ours(config, params, f"gpt2jax_{tag}", tq) for tag, tq in TURBOQUANT.items()}
+    int8_sides = tuple(Ours(config, q, weights=tag) for tag, q in quantized.items())
+    wpe_bytes = params["wpe"]["embedding"].nbytes if "wpe" in params else 0
+    weight_bytes = {tag: WeightBytes(int8.nbytes(p), int8.nbytes(p) - wpe_bytes)
+                    for tag, p in {"float32": params, **quantized}.items()}
+    tq_sides = {tag: Ours(config, params, kv=tag) for tag in TURBOQUANT}
 
     P, N = QUICK_HEADLINE if quick else HEADLINE
-    results.update(headline_prompt=P, headline_new_tokens=N,
-                   nocache_headline_new_tokens=min(N, NOCACHE_HEADLINE_NEW), lengths=lengths)
     headline_prompts = {B: prompt(B, P) for B in batches}
     jobs = [("headline", (ours, *hf_sides, *int8_sides, *tq_sides.values()),
              headline_prompts[1], True, N),
@@ -277,150 +396,97 @@ def run(preset: str, quick: bool, ckpt: str | None = None, lengths=None) -> dict
                 jobs.append(("sweep", (ours, hf_sides[0]), prompt(B, L - NOCACHE_NEW), False,
                              NOCACHE_NEW))
 
-    rows, tokens = [], {}
+    headline, sweep = [], []
     for kind, job_sides, prompts, cache, new in tqdm(jobs, desc="decode benchmark",
                                                      unit="cell"):
         if kind == "sweep":
-            rows += measure(job_sides, prompts, cache, new, rounds)
+            sweep += measure(job_sides, prompts, cache, new, rounds)
             continue
         # the headline is end to end: new tokens / wall seconds of the whole generate call
         B = prompts.shape[0]
-        suffix = ("cache" if cache else "nocache") + ("" if B == 1 else f"_b{B}")
-        for name, (compile_s, steady, out) in timed(job_sides, prompts, new, cache,
-                                                    rounds).items():
-            results[f"{name}_{suffix}_tok_s"] = B * new / steady
-            results[f"{name}_{suffix}_compile_s"] = compile_s
-            tokens[(name, suffix)] = out
-    for row in rows:
-        if row["impl"] == "gpt2jax" and row["cache"]:
-            B, L = row["batch"], row["length"]
-            row["kv_cache_bytes"] = init_cache(config, B, L).nbytes - 4 * B  # minus lengths
-            row["kv_formula_bytes"] = 2 * config.n_layer * B * L * config.n_embd * 4
-    results["rows"] = rows
+        timings = timed(job_sides, prompts, new, cache, rounds)
+        reference = timings[ours][2]  # every headline cell has float32 gpt2jax
+        for side, (compile_s, steady, out) in timings.items():
+            headline.append(HeadlineFigure(
+                side.side, side.kv if cache else NO_CACHE, side.weights, B, B * new / steady,
+                compile_s, None if side is ours else float(np.mean(out == reference))))
+    float32_cache_bytes = tuple(
+        CacheBytes(f.batch, f.length,
+                   init_cache(config, f.batch, f.length).nbytes - 4 * f.batch,  # minus lengths
+                   2 * config.n_layer * f.batch * f.length * config.n_embd * 4)
+        for f in sweep if (f.side, f.cache) == ("gpt2jax", "float32"))
     kinds = {"float32": "float32", "float16": "float16", **TURBOQUANT}
-    for key, B, L in (("kv_bytes_headline", 1, P + N), ("kv_bytes_longest", 1, lengths[-1])):
-        results[key] = {name: make_cache(config, B, L, kind).nbytes
-                        for name, kind in kinds.items()}
-    results["kv_bytes_longest_length"] = lengths[-1]
-    results["load_average_end"] = os.getloadavg()
+    kv_bytes = lambda L: {name: make_cache(config, 1, L, kind).nbytes
+                          for name, kind in kinds.items()}
+    load_average_end = os.getloadavg()
     # measured before and after the sweep: the better is what the machine can do
     end = measure_read_bandwidth(**probe)
-    results["bandwidth"] = {k: max(v, end[k]) for k, v in bandwidth.items()}
-    results["bound_tok_s_batch1"] = results["bandwidth"]["GBps"] * 1e9 / weight_bytes
-    for tag in INT8:
-        results[f"{tag}_bound_tok_s_batch1"] = (results["bandwidth"]["GBps"] * 1e9
-                                                / results[f"{tag}_weight_bytes_per_step"])
-    summarize(results, tokens, lengths, batches)
-    return results
+    return DecodeResult(
+        preset=ckpt or preset, quick=quick, machine=common.Machine.current(), code=code,
+        command=command, threads=threads, jax=jax.__version__, torch=torch.__version__,
+        transformers=transformers.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""),
+        omp_wait_policy=os.environ["OMP_WAIT_POLICY"], rounds=rounds,
+        load_average_start=load_average_start, load_average_end=load_average_end,
+        batches=tuple(batches), lengths=tuple(lengths), headline_prompt=P,
+        headline_new_tokens=N, nocache_headline_new_tokens=min(N, NOCACHE_HEADLINE_NEW),
+        bandwidth=Bandwidth(max(bandwidth.sum_GBps, end.sum_GBps),
+                            max(bandwidth.matvec_GBps, end.matvec_GBps)),
+        weight_bytes=weight_bytes, kv_bytes_headline=kv_bytes(P + N),
+        kv_bytes_longest=kv_bytes(lengths[-1]), headline=tuple(headline), sweep=tuple(sweep),
+        float32_cache_bytes=float32_cache_bytes)
 
 
-def best_int8(results: dict, tail: str) -> None:
-    """`int8_over_fp32_cache{tail}`: the fastest int8 mode over float32, from the tok/s of one
-    run. Written after the per-mode ratios: weight-only int8's own is `int8_over_fp32_...`
-    too, and the best must win."""
-    fp32 = results[f"gpt2jax_cache{tail}_tok_s"]
-    ratios = {tag: results[f"gpt2jax_{tag}_cache{tail}_tok_s"] / fp32 for tag in INT8}
-    results[f"int8_best_mode{tail}"] = max(ratios, key=ratios.get)
-    results[f"int8_over_fp32_cache{tail}"] = max(ratios.values())
-    results[f"int8_weights_over_fp32_cache{tail}"] = ratios["int8"]
+def _host(r: DecodeResult) -> str:
+    m = r.machine
+    return f"{m.cpu}, {m.cores} cores ({m.sched})"
 
 
-def summarize(results: dict, tokens: dict, lengths, batches) -> None:
-    """The ratios the README and the report quote, each from sides of the same run."""
-    fp32 = results["gpt2jax_cache_tok_s"]
-    match = lambda a, b, suffix="cache": float(np.mean(tokens[(a, suffix)] == tokens[(b, suffix)]))
-    results.update({
-        "gpt2jax_over_hf_cache": fp32 / results["hf_cache_tok_s"],
-        "gpt2jax_over_torch_loop_cache": fp32 / results["torch_loop_cache_tok_s"],
-        "torch_loop_over_hf_cache": results["torch_loop_cache_tok_s"] / results["hf_cache_tok_s"],
-        "gpt2jax_cache_over_nocache": fp32 / results["gpt2jax_nocache_tok_s"],
-        "hf_cache_over_nocache": results["hf_cache_tok_s"] / results["hf_nocache_tok_s"],
-        "bound_fraction": fp32 / results["bound_tok_s_batch1"],
-        "greedy_tokens_match_hf": match("gpt2jax", "hf"),
-        "greedy_tokens_match_torch_loop": match("gpt2jax", "torch_loop"),
-    })
-    for suffix in ("cache", *(f"cache_b{B}" for B in batches if B != 1)):
-        ratios = {tag: results[f"gpt2jax_{tag}_{suffix}_tok_s"]
-                  / results[f"gpt2jax_{suffix}_tok_s"] for tag in INT8}
-        tail = suffix.removeprefix("cache")
-        for tag, ratio in ratios.items():
-            results[f"{tag}_over_fp32_{suffix}"] = ratio
-            results[f"{tag}_greedy_tokens_match_fp32{tail}"] = match(f"gpt2jax_{tag}", "gpt2jax",
-                                                                   suffix)
-        best_int8(results, tail)
-    results["int8_emb_bytes_over_fp32"] = results["w8a8_emb_bytes"] / results["float32_bytes"]
-    for tag in TURBOQUANT:
-        results[f"{tag}_over_fp32_cache"] = results[f"gpt2jax_{tag}_cache_tok_s"] / fp32
-        # random weights: logits near-tied, so one flipped token shifts the rest; indicative
-        results[f"{tag}_greedy_tokens_match_fp32"] = match(f"gpt2jax_{tag}", "gpt2jax")
-    L = lengths[-1]
-    for B in batches:
-        long_rate = {r["impl"]: r["tok_s"] for r in results["rows"]
-                     if r["cache"] and r["batch"] == B and r["length"] == L}
-        results[f"tq3_over_fp32_b{B}_L{L}"] = long_rate["gpt2jax_tq3"] / long_rate["gpt2jax"]
-        for length in lengths:
-            rate = {(r["impl"], r["cache"]): r["tok_s"] for r in results["rows"]
-                    if r["batch"] == B and r["length"] == length}
-            results[f"over_hf_b{B}_L{length}"] = rate[("gpt2jax", True)] / rate[("hf", True)]
-            if ("gpt2jax", False) in rate:
-                results[f"speedup_b{B}_L{length}"] = (rate[("gpt2jax", True)]
-                                                      / rate[("gpt2jax", False)])
-                results[f"hf_speedup_b{B}_L{length}"] = rate[("hf", True)] / rate[("hf", False)]
-
-
-def _host(r: dict) -> str:
-    m = r["machine"]
-    return f"{m['cpu']}, {m['cores']} cores ({m['sched']})"
-
-
-def format_table(r: dict) -> str:
-    P, N = r["headline_prompt"], r["headline_new_tokens"]
-    bw = r["bandwidth"]
-    load = "/".join(f"{x:.1f}" for x in (r["load_average_start"][0], r["load_average_end"][0]))
+def format_table(r: DecodeResult) -> str:
+    P, N = r.headline_prompt, r.headline_new_tokens
+    bw = r.bandwidth
+    load = "/".join(f"{x:.1f}" for x in (r.load_average_start[0], r.load_average_end[0]))
+    fp32, nocache, torch_loop = r.figure(), r.figure(cache=NO_CACHE), r.figure("torch_loop")
+    hf_cache, hf_nocache = r.figure("hf"), r.figure("hf", cache=NO_CACHE)
     lines = [
-        f"{r['preset']} | {_host(r)} (load average start/end {load}) | jax {r['jax']}, "
-        f"torch {r['torch']} | median of {r['rounds']} calls per cell",
-        f"read bandwidth {bw['GBps']:.1f} GB/s (sum {bw['sum_GBps']:.1f}, matvec "
-        f"{bw['matvec_GBps']:.1f}); weights read per step {r['weight_bytes_per_step'] / 1e6:.0f}"
-        f" MB -> batch-1 bound {r['bound_tok_s_batch1']:.1f} tok/s",
+        f"{r.preset} | {_host(r)} (load average start/end {load}) | jax {r.jax}, "
+        f"torch {r.torch} | median of {r.rounds} calls per cell",
+        f"read bandwidth {bw.GBps:.1f} GB/s (sum {bw.sum_GBps:.1f}, matvec "
+        f"{bw.matvec_GBps:.1f}); weights read per step "
+        f"{r.weight_bytes['float32'].per_step / 1e6:.0f} MB -> batch-1 bound "
+        f"{r.bound_tok_s():.1f} tok/s",
         "",
-        f"headline: prompt {P} + {N} new, without the cache {r['nocache_headline_new_tokens']} "
+        f"headline: prompt {P} + {N} new, without the cache {r.nocache_headline_new_tokens} "
         "(end to end)",
-        f"  gpt2jax cache    {r['gpt2jax_cache_tok_s']:8.1f} tok/s "
-        f"({100 * r['bound_fraction']:.0f}% of the bound, "
-        f"compile {r['gpt2jax_cache_compile_s']:.1f} s)",
-        f"  gpt2jax no cache {r['gpt2jax_nocache_tok_s']:8.1f} tok/s "
-        f"(compile {r['gpt2jax_nocache_compile_s']:.1f} s)",
-        *(f"  gpt2jax {tag:<8} {r[f'gpt2jax_{tag}_cache_tok_s']:8.1f} tok/s "
-          f"({r[f'gpt2jax_{tag}_cache_tok_s'] / r['gpt2jax_cache_tok_s']:.2f}x float32; "
-          f"{r[f'{tag}_bytes'] / 1e6:.0f} MB, "
-          f"bound {r[f'{tag}_bound_tok_s_batch1']:.0f} tok/s; greedy tokens equal to "
-          f"float32's: {100 * r[f'{tag}_greedy_tokens_match_fp32']:.0f}%)" for tag in INT8),
-        *(f"  gpt2jax {tag:<8} {r[f'gpt2jax_{tag}_cache_tok_s']:8.1f} tok/s "
-          f"({r[f'{tag}_over_fp32_cache']:.2f}x float32 cache; greedy tokens equal to "
-          f"float32's: {100 * r[f'{tag}_greedy_tokens_match_fp32']:.0f}%)"
-          for tag in TURBOQUANT),
-        f"  HF cache         {r['hf_cache_tok_s']:8.1f} tok/s",
-        f"  torch loop cache {r['torch_loop_cache_tok_s']:8.1f} tok/s",
-        f"  HF no cache      {r['hf_nocache_tok_s']:8.1f} tok/s",
-        f"  gpt2jax / HF (cache) {r['gpt2jax_over_hf_cache']:.2f}x, / torch loop "
-        f"{r['gpt2jax_over_torch_loop_cache']:.2f}x; cache speed-up: gpt2jax "
-        f"{r['gpt2jax_cache_over_nocache']:.1f}x, HF {r['hf_cache_over_nocache']:.1f}x; "
-        f"greedy tokens equal to HF's: {100 * r['greedy_tokens_match_hf']:.0f}%",
+        f"  gpt2jax cache    {fp32.tok_s:8.1f} tok/s "
+        f"({100 * fp32.tok_s / r.bound_tok_s():.0f}% of the bound, "
+        f"compile {fp32.compile_s:.1f} s)",
+        f"  gpt2jax no cache {nocache.tok_s:8.1f} tok/s (compile {nocache.compile_s:.1f} s)",
+        *(f"  gpt2jax {tag:<8} {q.tok_s:8.1f} tok/s ({q.tok_s / fp32.tok_s:.2f}x float32; "
+          f"{r.weight_bytes[tag].total / 1e6:.0f} MB, bound {r.bound_tok_s(tag):.0f} tok/s; "
+          f"greedy tokens equal to float32's: {100 * q.greedy_match:.0f}%)"
+          for tag in INT8 for q in [r.figure(weights=tag)]),
+        *(f"  gpt2jax {tag:<8} {t.tok_s:8.1f} tok/s ({t.tok_s / fp32.tok_s:.2f}x float32 "
+          f"cache; greedy tokens equal to float32's: {100 * t.greedy_match:.0f}%)"
+          for tag in TURBOQUANT for t in [r.figure(cache=tag)]),
+        f"  HF cache         {hf_cache.tok_s:8.1f} tok/s",
+        f"  torch loop cache {torch_loop.tok_s:8.1f} tok/s",
+        f"  HF no cache      {hf_nocache.tok_s:8.1f} tok/s",
+        f"  gpt2jax / HF (cache) {fp32.tok_s / hf_cache.tok_s:.2f}x, / torch loop "
+        f"{fp32.tok_s / torch_loop.tok_s:.2f}x; cache speed-up: gpt2jax "
+        f"{fp32.tok_s / nocache.tok_s:.1f}x, HF {hf_cache.tok_s / hf_nocache.tok_s:.1f}x; "
+        f"greedy tokens equal to HF's: {100 * hf_cache.greedy_match:.0f}%",
     ]
-    for B in r["batches"][1:]:
+    for B in r.batches[1:]:
         lines.append(
-            f"  batch {B}: gpt2jax {r[f'gpt2jax_cache_b{B}_tok_s']:.1f} tok/s, "
-            + ", ".join(f"{tag} {r[f'gpt2jax_{tag}_cache_b{B}_tok_s'] / fp32:.2f}x"
-                        for tag in INT8 for fp32 in [r[f"gpt2jax_cache_b{B}_tok_s"]])
-            + f"; HF {r[f'hf_cache_b{B}_tok_s']:.1f}, torch loop "
-            f"{r[f'torch_loop_cache_b{B}_tok_s']:.1f}")
+            f"  batch {B}: gpt2jax {r.figure(batch=B).tok_s:.1f} tok/s, "
+            + ", ".join(f"{tag} {ratio:.2f}x" for tag, ratio in r.int8_ratios(B).items())
+            + f"; HF {r.figure('hf', batch=B).tok_s:.1f}, torch loop "
+            f"{r.figure('torch_loop', batch=B).tok_s:.1f}")
     lines += [
         *(f"KV cache bytes, {what}: " + ", ".join(
-            f"{name} {n:,} ({n / r[key]['float32']:.3f})" for name, n in r[key].items())
-          for key, what in (("kv_bytes_headline", f"batch 1 x {P + N} tokens"),
-                            ("kv_bytes_longest",
-                             f"batch 1 x {r['kv_bytes_longest_length']} tokens"))),
+            f"{name} {n:,} ({n / sizes['float32']:.3f})" for name, n in sizes.items())
+          for sizes, what in ((r.kv_bytes_headline, f"batch 1 x {P + N} tokens"),
+                              (r.kv_bytes_longest, f"batch 1 x {r.lengths[-1]} tokens"))),
         "",
         "decode tok/s at total length (cache: the second half, prefill excluded; no cache: "
         "the last 4 tokens)",
@@ -428,83 +494,83 @@ def format_table(r: dict) -> str:
         "HF no cache | HF speed-up | gpt2jax / HF | compile s | KV MB (arrays) | formula MB |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    by_key = {(x["impl"], x["cache"], x["batch"], x["length"]): x for x in r["rows"]}
-    for (impl, cache, B, L), ours in by_key.items():
-        if impl != "gpt2jax" or not cache:
-            continue
-        recompute = (f"{by_key[('gpt2jax', False, B, L)]['tok_s']:.2f} | "
-                     f"{r[f'speedup_b{B}_L{L}']:.1f}x | {by_key[('hf', True, B, L)]['tok_s']:.1f}"
-                     f" | {by_key[('hf', False, B, L)]['tok_s']:.2f} | "
-                     f"{r[f'hf_speedup_b{B}_L{L}']:.1f}x"
-                     if ("gpt2jax", False, B, L) in by_key else
-                     f"- | - | {by_key[('hf', True, B, L)]['tok_s']:.1f} | - | -")
+    for ours in (f for f in r.sweep if (f.side, f.cache) == ("gpt2jax", "float32")):
+        B, L = ours.batch, ours.length
+        theirs = r.cell("hf", batch=B, length=L)
+        recompute = (f"{r.cell(cache=NO_CACHE, batch=B, length=L).tok_s:.2f} | "
+                     f"{r.speedup('gpt2jax', B, L):.1f}x | {theirs.tok_s:.1f} | "
+                     f"{r.cell('hf', cache=NO_CACHE, batch=B, length=L).tok_s:.2f} | "
+                     f"{r.speedup('hf', B, L):.1f}x"
+                     if r.recomputed(B, L) else f"- | - | {theirs.tok_s:.1f} | - | -")
+        size = r.cache_bytes(B, L)
         lines.append(
-            f"| {B} | {L} | {ours['tok_s']:.1f} | {recompute} | {r[f'over_hf_b{B}_L{L}']:.2f}x | "
-            f"{ours['compile_s']:.1f} | {ours['kv_cache_bytes'] / 1e6:.1f} | "
-            f"{ours['kv_formula_bytes'] / 1e6:.1f} |")
-    for tq3 in (x for x in r["rows"] if x["impl"] == "gpt2jax_tq3"):
-        B, L = tq3["batch"], tq3["length"]
-        lines.append(f"3-bit TurboQuant cache, batch {B}, length {L}: {tq3['tok_s']:.1f} tok/s "
-                     f"({r[f'tq3_over_fp32_b{B}_L{L}']:.2f}x float32 cache, compile "
-                     f"{tq3['compile_s']:.1f} s)")
+            f"| {B} | {L} | {ours.tok_s:.1f} | {recompute} | {ours.tok_s / theirs.tok_s:.2f}x | "
+            f"{ours.compile_s:.1f} | {size.arrays / 1e6:.1f} | {size.formula / 1e6:.1f} |")
+    for tq3 in (f for f in r.sweep if f.cache == "tq3"):
+        B, L = tq3.batch, tq3.length
+        lines.append(f"3-bit TurboQuant cache, batch {B}, length {L}: {tq3.tok_s:.1f} tok/s "
+                     f"({tq3.tok_s / r.cell(batch=B, length=L).tok_s:.2f}x float32 cache, "
+                     f"compile {tq3.compile_s:.1f} s)")
     return "\n".join(lines)
 
 
-def readme_table(r: dict) -> str:
-    """docs/results.md's decode table, every figure from this JSON."""
-    L = r["kv_bytes_longest_length"]
+def readme_table(r: DecodeResult) -> str:
+    """docs/results.md's decode table, every figure from this record."""
+    first, L = r.lengths[0], r.lengths[-1]
+    fp32, hf_cache, torch_loop = r.figure(), r.figure("hf"), r.figure("torch_loop")
     rows = [
-        ("batch-1 decode, cache", f"{r['gpt2jax_cache_tok_s']:.1f} tok/s "
-         f"({100 * r['bound_fraction']:.0f}% of the {r['bound_tok_s_batch1']:.0f} tok/s bandwidth "
-         f"bound)", f"HF generate {r['hf_cache_tok_s']:.1f} ({r['gpt2jax_over_hf_cache']:.2f}x); "
-         f"bare torch loop, static cache {r['torch_loop_cache_tok_s']:.1f} "
-         f"({r['gpt2jax_over_torch_loop_cache']:.2f}x)"),
-        ("cache vs recompute, batch 1", f"{r['speedup_b1_L64']:.1f}x (64 tokens) to "
-         f"{r[f'speedup_b1_L{L}']:.1f}x ({L})",
-         f"HF {r['hf_speedup_b1_L64']:.1f}x to {r[f'hf_speedup_b1_L{L}']:.1f}x"),
+        ("batch-1 decode, cache", f"{fp32.tok_s:.1f} tok/s "
+         f"({100 * fp32.tok_s / r.bound_tok_s():.0f}% of the {r.bound_tok_s():.0f} tok/s "
+         f"bandwidth bound)", f"HF generate {hf_cache.tok_s:.1f} "
+         f"({fp32.tok_s / hf_cache.tok_s:.2f}x); "
+         f"bare torch loop, static cache {torch_loop.tok_s:.1f} "
+         f"({fp32.tok_s / torch_loop.tok_s:.2f}x)"),
+        ("cache vs recompute, batch 1", f"{r.speedup('gpt2jax', 1, first):.1f}x ({first} "
+         f"tokens) to {r.speedup('gpt2jax', 1, L):.1f}x ({L})",
+         f"HF {r.speedup('hf', 1, first):.1f}x to {r.speedup('hf', 1, L):.1f}x"),
     ]
-    for tail, what in (("", "batch 1"), *((f"_b{B}", f"batch {B}") for B in r["batches"][1:])):
-        ratios = ", ".join(f"{tag} {r[f'gpt2jax_{tag}_cache{tail}_tok_s']:.1f} tok/s"
+    for B in r.batches:
+        speeds = ", ".join(f"{tag} {r.figure(weights=tag, batch=B).tok_s:.1f} tok/s"
                            for tag in INT8)
-        rows.append((f"int8 decode, {what}", f"best ({r[f'int8_best_mode{tail}']}) "
-                     f"{r[f'int8_over_fp32_cache{tail}']:.2f}x float32", ratios))
-    rows.append(("int8 size, w8a8 + embeddings", f"{r['w8a8_emb_bytes']:,} bytes "
-                 f"({r['int8_emb_bytes_over_fp32']:.3f}x float32)", "float32 "
-                 f"{r['float32_bytes']:,} bytes"))
-    for B in r["batches"]:
-        key = f"tq3_over_fp32_b{B}_L{L}"
+        mode, ratio = r.best_int8(B)
+        rows.append((f"int8 decode, batch {B}", f"best ({mode}) {ratio:.2f}x float32", speeds))
+    emb, fp32_bytes = r.weight_bytes["w8a8_emb"].total, r.weight_bytes["float32"].total
+    rows.append(("int8 size, w8a8 + embeddings", f"{emb:,} bytes "
+                 f"({emb / fp32_bytes:.3f}x float32)", f"float32 {fp32_bytes:,} bytes"))
+    for B in r.batches:
+        tq3 = r.cell(cache="tq3", batch=B, length=L).tok_s / r.cell(batch=B, length=L).tok_s
         rows.append((f"TurboQuant 3-bit cache, batch {B}, {L} tokens",
-                     f"{r[key]:.2f}x float32 cache", "float32 cache"))
-    head = (f"{r['preset']}, {_host(r)}, jax {r['jax']}, torch {r['torch']}; median of "
-            f"{r['rounds']} calls per cell (`python -m eval.bench_decode`)\n\n"
+                     f"{tq3:.2f}x float32 cache", "float32 cache"))
+    head = (f"{r.preset}, {_host(r)}, jax {r.jax}, torch {r.torch}; median of "
+            f"{r.rounds} calls per cell (`python -m eval.bench_decode`)\n\n"
             "| measure | gpt2jax | reference |\n|---|---|---|\n")
     return head + "\n".join(f"| {a} | {b} | {c} |" for a, b, c in rows)
 
 
-def plot(r: dict, path: Path) -> None:
+def plot(r: DecodeResult, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batches = r["batches"]
+    batches = r.batches
     fig, axes = plt.subplots(1, len(batches), figsize=(6 * len(batches), 4.5), sharey=True)
-    styles = {("gpt2jax", True): "C0-o", ("gpt2jax", False): "C0--o",
-              ("hf", True): "C1-s", ("hf", False): "C1--s"}
+    styles = {("gpt2jax", "float32"): "C0-o", ("gpt2jax", NO_CACHE): "C0--o",
+              ("hf", "float32"): "C1-s", ("hf", NO_CACHE): "C1--s"}
     for ax, B in zip(np.atleast_1d(axes), batches, strict=True):
-        for (impl, cache), style in styles.items():
-            pts = sorted((x["length"], x["tok_s"]) for x in r["rows"]
-                         if (x["impl"], x["cache"], x["batch"]) == (impl, cache, B))
-            label = f"{'gpt2jax' if impl == 'gpt2jax' else 'HF transformers'} " \
-                    f"{'KV cache' if cache else 'no cache'}"
+        for (side, cache), style in styles.items():
+            pts = sorted((f.length, f.tok_s) for f in r.sweep
+                         if (f.side, f.cache, f.batch) == (side, cache, B))
+            label = f"{'gpt2jax' if side == 'gpt2jax' else 'HF transformers'} " \
+                    f"{'no cache' if cache == NO_CACHE else 'KV cache'}"
             ax.plot(*zip(*pts, strict=True), style, label=label)
         if B == 1:
-            ax.axhline(r["bound_tok_s_batch1"], color="gray", ls=":",
+            ax.axhline(r.bound_tok_s(), color="gray", ls=":",
                        label="bandwidth bound (weights / DRAM GB/s)")
         ax.set(xscale="log", yscale="log", xlabel="total length (tokens)",
-               title=f"{r['preset']}, batch {B}")
-        ax.set_xticks([x["length"] for x in r["rows"] if x["batch"] == B])
-        ax.set_xticklabels([str(x["length"]) for x in r["rows"] if x["batch"] == B])
+               title=f"{r.preset}, batch {B}")
+        ax.set_xticks([f.length for f in r.sweep if f.batch == B])
+        ax.set_xticklabels([str(f.length) for f in r.sweep if f.batch == B])
         ax.grid(alpha=0.3, which="both")
     np.atleast_1d(axes)[0].set_ylabel("decode tokens / s")
     np.atleast_1d(axes)[0].legend(fontsize=8)
@@ -526,21 +592,23 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", action="store_true",
                         help="write docs/results.md's decode table from the JSON "
                         "(no benchmark run)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     preset = args.preset or ("baby" if args.quick else "gpt2")
     json_path = args.json or RESULTS / f"bench_decode{'_quick' if args.quick else ''}.json"
     png_path = args.png or json_path.with_suffix(".png")
 
     if args.readme:
-        common.write_readme_block("bench_decode", readme_table(json.loads(json_path.read_text())),
+        common.write_readme_block("bench_decode",
+                                  readme_table(common.read_record(json_path, DecodeResult)),
                                   common.RESULTS_DOC)
         print(f"wrote {common.RESULTS_DOC.relative_to(common.ROOT)}'s decode table "
               f"from {json_path}")
         return 0
-    results = run(preset, args.quick, args.ckpt, args.lengths)
+    results = run(preset, args.quick, args.ckpt, args.lengths,
+                  command=common.command_line("eval.bench_decode", argv))
     print(format_table(results))
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(results, indent=2))
+    common.write_record(json_path, results)
     png_path.parent.mkdir(parents=True, exist_ok=True)
     plot(results, png_path)
     print(f"wrote {json_path} and {png_path}")

@@ -15,13 +15,17 @@ turns. It shows what reading only the filled prefix buys. One attend jitted alon
 time glibc handing the program's temporaries (two float32 codeword blocks, 50 MB at batch 8)
 back to the OS and faulting them in again on every call: 19.9 ms instead of 8.5 for tq3 at
 batch 8, 90% filled.
+
+The JSON is a `KVCacheResult` (end to end) or an `AttendResult` (--per-layer) record
+(`eval.common.write_record`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -29,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.common import RESULTS, machine, write_json
+from eval import common
 from gpt2jax.cache import make_cache
 from gpt2jax.config import GPTConfig
 from gpt2jax.generation import generate
@@ -38,6 +42,55 @@ from gpt2jax.quant.turboquant import TurboQuantConfig
 
 CACHES = {"fp32": "float32", "tq3": TurboQuantConfig(bits=3),
           "tq4prod": TurboQuantConfig(bits=4, key_quantizer="prod")}
+CHAINED = 10  # attends per jitted call in --per-layer
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheFigure:
+    cache: str  # a CACHES name
+    batch: int
+    tok_s: float  # decode tokens/s after the prompt: B * (new - 1) / (full call - 1-token call)
+
+
+@dataclasses.dataclass(frozen=True)
+class KVCacheResult:
+    preset: str
+    machine: common.Machine
+    code: str | None  # common.code_hash() at the run; None: run before records kept it
+    command: str | None
+    jax: str
+    load_average_start: tuple[float, ...]
+    load_average_end: tuple[float, ...]
+    prompt: int
+    new_tokens: int
+    rounds: int  # calls per cache and length; the best counts
+    figures: tuple[KVCacheFigure, ...]
+
+    def over_fp32(self, cache: str, batch: int) -> float:
+        speed = lambda name: common.lookup(self.figures, cache=name, batch=batch).tok_s
+        return speed(cache) / speed("fp32")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttendFigure:
+    cache: str  # a CACHES name
+    batch: int
+    filled: float  # the fraction of max_len in the cache
+    ms: float  # per attend: the best call of `attends_per_call` chained attends, divided
+
+
+@dataclasses.dataclass(frozen=True)
+class AttendResult:
+    preset: str
+    machine: common.Machine
+    code: str | None
+    command: str | None
+    jax: str
+    load_average_start: tuple[float, ...]
+    load_average_end: tuple[float, ...]
+    max_len: int
+    attends_per_call: int
+    figures: tuple[AttendFigure, ...]
 
 
 def _seconds(call) -> float:
@@ -46,11 +99,12 @@ def _seconds(call) -> float:
     return time.perf_counter() - t
 
 
-def run(preset: str, batches, prompt: int, new: int, rounds: int, caches) -> dict:
+def run(preset: str, batches, prompt: int, new: int, rounds: int,
+        caches) -> list[KVCacheFigure]:
     config = GPTConfig.preset(preset)
     params = init_params(config, jax.random.key(0))
     rng = np.random.default_rng(0)
-    out = {"prompt": prompt, "new_tokens": new, "rounds": rounds}
+    figures = []
     for B in batches:
         prompts = rng.integers(0, config.vocab_size, (B, prompt)).tolist()
         calls = {(name, n): (lambda kind=CACHES[name], n=n, prompts=prompts: np.asarray(
@@ -64,20 +118,16 @@ def run(preset: str, batches, prompt: int, new: int, rounds: int, caches) -> dic
                 times[key].append(_seconds(call))
         for name in caches:
             decode_s = min(times[name, new]) - min(times[name, 1])
-            out[f"{name}_tok_s_b{B}_L{prompt + new}"] = B * (new - 1) / decode_s
-        for name in caches:
-            if name != "fp32":
-                out[f"{name}_over_fp32_b{B}_L{prompt + new}"] = (
-                    out[f"{name}_tok_s_b{B}_L{prompt + new}"]
-                    / out[f"fp32_tok_s_b{B}_L{prompt + new}"])
-        print(json.dumps(out, indent=1), flush=True)
-    return out
+            figures.append(KVCacheFigure(name, B, B * (new - 1) / decode_s))
+            print(f"batch {B}, {prompt} + {new} tokens: {name} {figures[-1].tok_s:.2f} tok/s",
+                  flush=True)
+    return figures
 
 
 def per_layer(preset: str, batches, max_len: int, fractions, caches, calls: int = 20,
-              chained: int = 10) -> dict:
+              chained: int = CHAINED) -> list[AttendFigure]:
     """Milliseconds per attend of one layer's decode attention with a fraction of the cache
-    filled (random keys and values): {"<cache>_ms_b<B>_f<F>": best of `calls` / `chained`}."""
+    filled (random keys and values): the best of `calls` calls over `chained`."""
     config = GPTConfig.preset(preset)
     H, D = config.n_head, config.head_dim
     rng = np.random.default_rng(0)
@@ -85,7 +135,7 @@ def per_layer(preset: str, batches, max_len: int, fractions, caches, calls: int 
     # each attend's output is the next one's query, so XLA cannot hoist or merge them
     attend = jax.jit(lambda c, q, k, v: jax.lax.fori_loop(
         0, chained, lambda _, q: c.attend(0, q, c.lengths[:, None], k, v), q))
-    out = {"attends_per_call": chained}
+    figures = []
     for B in batches:
         for fraction in fractions:
             filled = int(fraction * max_len)
@@ -99,12 +149,12 @@ def per_layer(preset: str, batches, max_len: int, fractions, caches, calls: int 
                 for name, cache in filled_caches.items():
                     args = (cache, q, k1, v1)
                     times[name].append(_seconds(lambda a=args: attend(*a).block_until_ready()))
-            for name in caches:
-                out[f"{name}_ms_b{B}_f{fraction:g}"] = 1e3 * min(times[name]) / chained
-            here = f"_b{B}_f{fraction:g}"
-            print(" ".join(f"{k} {v:.2f}" for k, v in out.items() if k.endswith(here)),
-                  flush=True)
-    return out
+            cell = [AttendFigure(name, B, fraction, 1e3 * min(times[name]) / chained)
+                    for name in caches]
+            print(f"batch {B}, {fraction:g} filled: "
+                  + " ".join(f"{t.cache} {t.ms:.2f} ms" for t in cell), flush=True)
+            figures += cell
+    return figures
 
 
 def main(argv=None) -> None:
@@ -118,19 +168,27 @@ def main(argv=None) -> None:
     p.add_argument("--per-layer", type=float, nargs="+", metavar="F",
                    help="time one layer's attention at these filled fractions instead")
     p.add_argument("--json", type=Path, help="default eval/results/bench_kvcache[_layer].json")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
-    machine_info = {"preset": args.preset, "machine": machine(), "jax": jax.__version__,
-                    "load_average_start": os.getloadavg()}
+    run_info = dict(preset=args.preset, machine=common.Machine.current(),
+                    code=common.code_hash(),
+                    command=common.command_line("eval.bench_kvcache", argv),
+                    jax=jax.__version__, load_average_start=os.getloadavg())
     if args.per_layer:
         max_len = args.prompt + args.new
-        result = {**machine_info, "max_len": max_len,
-                  **per_layer(args.preset, args.batches, max_len, args.per_layer, args.caches)}
+        figures = per_layer(args.preset, args.batches, max_len, args.per_layer, args.caches)
+        result = AttendResult(**run_info, load_average_end=os.getloadavg(), max_len=max_len,
+                              attends_per_call=CHAINED, figures=tuple(figures))
     else:
-        result = {**machine_info, **run(args.preset, args.batches, args.prompt, args.new,
-                                        args.rounds, args.caches)}
-    result["load_average_end"] = os.getloadavg()
-    default = RESULTS / f"bench_kvcache{'_layer' if args.per_layer else ''}.json"
-    print(f"wrote {write_json(args.json or default, result)}")
+        figures = run(args.preset, args.batches, args.prompt, args.new, args.rounds,
+                      args.caches)
+        result = KVCacheResult(**run_info, load_average_end=os.getloadavg(),
+                               prompt=args.prompt, new_tokens=args.new, rounds=args.rounds,
+                               figures=tuple(figures))
+        for f in (f for f in figures if f.cache != "fp32"):
+            print(f"{f.cache} / fp32, batch {f.batch}: {result.over_fp32(f.cache, f.batch):.2f}")
+    default = common.RESULTS / f"bench_kvcache{'_layer' if args.per_layer else ''}.json"
+    print(f"wrote {common.write_record(args.json or default, result)}")
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ matmul loops of each framework in the same run, and MFU is model FLOPs per secon
 weight per token plus attention, `train.perf.flops_per_token`) over that peak. The CPU model,
 the cores the process may use and its scheduling policy go into the JSON: on a shared machine
 run it as `chrt -f 1 python -m eval.bench_train` so that other work cannot take turns inside
-a step.
+a step. The JSON is a `TrainResult` record (`eval.common.write_record`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -46,6 +47,38 @@ SHAPES = {  # name -> (model preset, batch, seq)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 SIDES = ("gpt2jax", "torch_compiled", "torch")
 PEAK_N = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainFigure:
+    shape: str  # a SHAPES name
+    dtype: str  # a DTYPES name
+    side: str  # a SIDES name
+    tok_s: float  # batch * seq / the median step
+    mfu_own_peak: float  # model FLOP/s over its framework's matmul peak in the same run
+    first_step_s: float  # compile included
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    machine: common.Machine
+    code: str | None  # common.code_hash() at the run; None: run before records kept it
+    command: str | None
+    jax: str
+    torch: str
+    jax_fp32_flops: float  # sustained PEAK_N^3 float32 matmul FLOP/s
+    torch_fp32_flops: float
+    torch_adamw: str  # "fused" or "foreach"
+    timed_steps: int
+    dropout: float
+    figures: tuple[TrainFigure, ...]
+
+    def figure(self, side: str, shape: str, dtype: str) -> TrainFigure:
+        return common.lookup(self.figures, side=side, shape=shape, dtype=dtype)
+
+    def gpt2jax_over(self, side: str, shape: str, dtype: str) -> float:
+        """gpt2jax's tokens/s over the side's (its step time over gpt2jax's)."""
+        return self.figure("gpt2jax", shape, dtype).tok_s / self.figure(side, shape, dtype).tok_s
 
 
 def time_steps(run_step, warmup: int, steps: int) -> float:
@@ -212,16 +245,14 @@ def framework_peaks() -> dict[str, float]:
             "torch_fp32_flops": perf.sustained_flops(lambda: a @ a, PEAK_N)}
 
 
-def run(quick: bool = False, dtypes=tuple(DTYPES)) -> dict:
+def run(quick: bool = False, dtypes=tuple(DTYPES), command: str | None = None) -> TrainResult:
     import torch
 
     torch.set_num_threads(common.cores())  # XLA's CPU client uses every core it is given
     warmup, steps = (1, 3) if quick else (2, 20)
-    peaks = framework_peaks()
+    code, peaks = common.code_hash(), framework_peaks()
     _, adamw_kind = _adamw(torch.nn.Linear(2, 2))
-    results = {"machine": common.machine(), "jax": jax.__version__, "torch": torch.__version__,
-               **peaks, "torch_adamw": adamw_kind, "timed_steps": steps, "dropout": 0.0}
-    rows = []
+    figures = []
     for shape, (preset, batch, seq) in SHAPES.items():
         for dname in dtypes:
             config = GPTConfig.preset(preset, dtype=DTYPES[dname])
@@ -234,36 +265,31 @@ def run(quick: bool = False, dtypes=tuple(DTYPES)) -> dict:
             for side in SIDES:
                 own_peak = peaks["jax_fp32_flops" if side == "gpt2jax" else "torch_fp32_flops"]
                 tok_s = batch * seq / step_s[side]
-                key = f"{side}_{shape}_{dname}"
-                results[f"{key}_tok_s"] = tok_s
-                results[f"{key}_mfu_own_peak"] = tok_s * flops / own_peak
-                results[f"{key}_first_step_s"] = runners[side][1]
-                rows.append({"shape": shape, "dtype": dname, "side": side, "tok_s": tok_s,
-                             "mfu_own_peak": tok_s * flops / own_peak,
-                             "first_step_s": runners[side][1]})
-            for ref in ("torch_compiled", "torch"):
-                results[f"ratio_{ref}_{shape}_{dname}"] = step_s[ref] / step_s["gpt2jax"]
+                figures.append(TrainFigure(shape, dname, side, tok_s, tok_s * flops / own_peak,
+                                           runners[side][1]))
             del runners
-    results["rows"] = rows
-    return results
+    return TrainResult(machine=common.Machine.current(), code=code, command=command,
+                       jax=jax.__version__, torch=torch.__version__, **peaks,
+                       torch_adamw=adamw_kind, timed_steps=steps, dropout=0.0,
+                       figures=tuple(figures))
 
 
-def format_table(results: dict) -> str:
-    m = results["machine"]
+def format_table(result: TrainResult) -> str:
+    m = result.machine
     lines = [
-        f"{m['cpu']}, {m['cores']} cores ({m['sched']}); peak fp32 2048^3 matmul: jax "
-        f"{results['jax_fp32_flops'] / 1e9:.0f} GFLOP/s, torch "
-        f"{results['torch_fp32_flops'] / 1e9:.0f} GFLOP/s; median of "
-        f"{results['timed_steps']} interleaved steps; torch AdamW {results['torch_adamw']}",
+        f"{m.cpu}, {m.cores} cores ({m.sched}); peak fp32 2048^3 matmul: jax "
+        f"{result.jax_fp32_flops / 1e9:.0f} GFLOP/s, torch "
+        f"{result.torch_fp32_flops / 1e9:.0f} GFLOP/s; median of "
+        f"{result.timed_steps} interleaved steps; torch AdamW {result.torch_adamw}",
         "",
         "| shape | dtype | side | tokens/s | MFU (own peak) | first step s | gpt2jax / side |",
         "|---|---|---|---:|---:|---:|---:|",
     ]
-    for r in results["rows"]:
-        ratio_key = f"ratio_{r['side']}_{r['shape']}_{r['dtype']}"
-        ratio = "" if r["side"] == "gpt2jax" else f"{results[ratio_key]:.2f}x"
-        lines.append(f"| {r['shape']} | {r['dtype']} | {r['side']} | {r['tok_s']:.0f} | "
-                     f"{r['mfu_own_peak']:.1%} | {r['first_step_s']:.1f} | {ratio} |")
+    for f in result.figures:
+        ratio = ("" if f.side == "gpt2jax"
+                 else f"{result.gpt2jax_over(f.side, f.shape, f.dtype):.2f}x")
+        lines.append(f"| {f.shape} | {f.dtype} | {f.side} | {f.tok_s:.0f} | "
+                     f"{f.mfu_own_peak:.1%} | {f.first_step_s:.1f} | {ratio} |")
     return "\n".join(lines)
 
 
@@ -273,15 +299,16 @@ def readme_table(paths) -> str:
              "tok/s | HF eager tok/s | gpt2jax / compiled | gpt2jax / HF |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for path in paths:
-        r = json.loads(Path(path).read_text())
-        host = f"{r['machine']['cpu']}, {r['machine']['cores']} cores"
+        r = common.read_record(path, TrainResult)
+        host = f"{r.machine.cpu}, {r.machine.cores} cores"
         for shape in SHAPES:
-            k = f"{shape}_fp32"
+            ours = r.figure("gpt2jax", shape, "fp32")
             lines.append(
-                f"| {host} | {shape} | {r[f'gpt2jax_{k}_tok_s']:.0f} | "
-                f"{r[f'gpt2jax_{k}_mfu_own_peak']:.0%} | {r[f'torch_compiled_{k}_tok_s']:.0f} | "
-                f"{r[f'torch_{k}_tok_s']:.0f} | {r[f'ratio_torch_compiled_{k}']:.2f}x | "
-                f"{r[f'ratio_torch_{k}']:.2f}x |")
+                f"| {host} | {shape} | {ours.tok_s:.0f} | {ours.mfu_own_peak:.0%} | "
+                f"{r.figure('torch_compiled', shape, 'fp32').tok_s:.0f} | "
+                f"{r.figure('torch', shape, 'fp32').tok_s:.0f} | "
+                f"{r.gpt2jax_over('torch_compiled', shape, 'fp32'):.2f}x | "
+                f"{r.gpt2jax_over('torch', shape, 'fp32'):.2f}x |")
     return "\n".join(lines)
 
 
@@ -294,13 +321,14 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", action="store_true",
                         help="rewrite docs/results.md's training table from "
                         "eval/results/bench_train*.json")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not args.readme or args.json:
-        results = run(quick=args.quick, dtypes=tuple(args.dtypes))
+        results = run(quick=args.quick, dtypes=tuple(args.dtypes),
+                      command=common.command_line("eval.bench_train", argv))
         print(format_table(results))
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2))
+            common.write_record(args.json, results)
             args.json.with_suffix(".md").write_text(
                 "# Training throughput\n\n`python -m eval.bench_train`\n\n"
                 + format_table(results) + "\n")

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from eval import verdicts as rules
-from eval.common import README, RESULTS, write_readme_block
+from eval.bench_decode import DecodeResult
+from eval.common import README, RESULTS, read_record, write_readme_block
 from eval.verdicts import Verdict, fmt_seeds, per_seed
 
 
@@ -42,7 +43,7 @@ class Claim:
     title: str
     statement: str
     experiments: tuple[tuple[str, str], ...]  # (module, JSON file it writes)
-    render: Callable[[dict[str, dict]], Section]
+    render: Callable[[dict[str, dict | DecodeResult]], Section]
     # (module, JSON glob): checks run by their own command, not by this one (too slow for
     # the full run's budget); rendered when their JSON is in the results folder
     checks: tuple[tuple[str, str], ...] = ()
@@ -292,20 +293,18 @@ def _layer_grads_text(search: dict) -> str:
                if same else "The probe runs do NOT end at the arms' first-seed val loss."))
 
 
-def render_kv(results: dict[str, dict]) -> Section:
+def render_kv(results: dict[str, dict | DecodeResult]) -> Section:
     d = results["bench_decode.json"]
     q = results["kv_quant.json"]
-    lengths = sorted({row["length"] for row in d["rows"]})
-    speed_rows = [[L, f"{d[f'speedup_b1_L{L}']:.1f}×", f"{d[f'hf_speedup_b1_L{L}']:.1f}×",
-                   next(f"{row['kv_cache_bytes']:,} = {row['kv_formula_bytes']:,}"
-                        for row in d["rows"] if row["impl"] == "gpt2jax" and row["cache"]
-                        and row["batch"] == 1 and row["length"] == L)] for L in lengths]
+    lengths = sorted({f.length for f in d.sweep})
+    speed_rows = [[L, f"{d.speedup('gpt2jax', 1, L):.1f}×", f"{d.speedup('hf', 1, L):.1f}×",
+                   f"{d.cache_bytes(1, L).arrays:,} = {d.cache_bytes(1, L).formula:,}"]
+                  for L in lengths]
     table = _md_table(["tokens", "cache speed-up (gpt2jax)", "cache speed-up (HF)",
                        "cache bytes: measured = formula"], speed_rows)
     table += "\n\n" + q["table"]
-    speedups = [d[f"speedup_b1_L{L}"] for L in lengths]
-    cache_rows = [row for row in d["rows"] if row["impl"] == "gpt2jax" and row["cache"]]
-    exact = all(row["kv_cache_bytes"] == row["kv_formula_bytes"] for row in cache_rows)
+    speedups = [d.speedup("gpt2jax", 1, L) for L in lengths]
+    exact = all(size.arrays == size.formula for size in d.float32_cache_bytes)
     verdict = rules.kv_cache(speedups, exact, q["rows"])
     lo, hi = rules.CACHE_SPEEDUP_BAND
     why = (f"The float cache makes batch-1 decoding {speedups[0]:.1f}× (at {lengths[0]} "
@@ -313,7 +312,7 @@ def render_kv(results: dict[str, dict]) -> Section:
            f"against \"around 2×\" ({lo}–{hi}×): {verdict.parts['around 2× faster']}; its "
            f"bytes {'equal' if exact else 'differ from'} the formula's. "
            + q["verdict"]["summary"])
-    how = (f"Decode speed with and without the cache, {d['preset']} shape, against Hugging "
+    how = (f"Decode speed with and without the cache, {d.preset} shape, against Hugging "
            f"Face in the same run (`eval.bench_decode`); TurboQuant caches on a model trained "
            f"on Tiny Shakespeare (`{q['command']}`), run as the paper runs them (exact "
            f"prefill, codes stored, each decoded token exact to itself): val loss scored token "
@@ -448,20 +447,30 @@ def run_experiments(quick: bool, out: Path, work: Path, rerun: bool,
     return seconds
 
 
+RECORDS = {"bench_decode.json": DecodeResult}  # the results read as typed records
+
+
+def _load(path: Path) -> dict | DecodeResult:
+    if path.name in RECORDS:
+        return read_record(path, RECORDS[path.name])
+    return json.loads(path.read_text())
+
+
 def sections(out: Path) -> list[tuple[Claim, Section]]:
     """Each claim with its section, rendered from the JSON files in `out`."""
     done = []
     for claim in CLAIMS:
-        results = {name: json.loads((out / name).read_text()) for _, name in claim.outputs(out)}
+        results = {name: _load(out / name) for _, name in claim.outputs(out)}
         done.append((claim, claim.render(results)))
     return done
 
 
 def recorded_commands(claim: Claim, out: Path, quick: bool) -> str:
     """The commands that made the claim's JSON files, as each records itself (flags and
-    all), else the experiment's plain command."""
+    all), else the experiment's plain command (also where a record holds None: made before
+    records kept it)."""
     return ", ".join(
-        f"`{json.loads((out / name).read_text()).get('command', command(m, quick))}`"
+        f"`{json.loads((out / name).read_text()).get('command') or command(m, quick)}`"
         for m, name in claim.outputs(out))
 
 

@@ -1,15 +1,21 @@
 """What the experiments share: a small model trained on Tiny Shakespeare, its val tokens,
-and the way results are written (JSON + PNG under eval/results/)."""
+and the way results are written (JSON + PNG under eval/results/; the benchmarks' as typed
+records, `write_record` / `read_record`)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
+import shlex
 import time
-from collections.abc import Callable
+import types
+import typing
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -196,6 +202,78 @@ def write_json(path: Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=float))
     return path
+
+
+def write_record(path: Path, record) -> Path:
+    """A record (a dataclass of JSON values, records, and lists, tuples and str-keyed dicts of
+    them) as JSON: `dataclasses.asdict`, read back by `read_record`."""
+    return write_json(path, dataclasses.asdict(record))
+
+
+Record = TypeVar("Record")
+
+
+def read_record(path: Path, cls: type[Record]) -> Record:
+    """The record of type `cls` that `write_record` wrote to `path`."""
+    try:
+        return from_json(cls, json.loads(Path(path).read_text()))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path} is not a {cls.__name__} record: {e}") from e
+
+
+def from_json(hint, value):
+    """`value` (parsed JSON) as the type `hint`: a dataclass, X | None, list[X], tuple[X, ...],
+    dict[str, X], or a JSON scalar. Unknown fields raise: a file of another schema must not
+    load as this one."""
+    if dataclasses.is_dataclass(hint):
+        hints = typing.get_type_hints(hint)  # the annotations are strings (PEP 563)
+        names = {f.name for f in dataclasses.fields(hint)}
+        if unknown := set(value) - names:
+            raise ValueError(f"{hint.__name__} has no fields {sorted(unknown)}")
+        return hint(**{name: from_json(hints[name], v) for name, v in value.items()})
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = (a for a in args if a is not type(None))
+        return from_json(inner, value)
+    if origin is list or (origin is tuple and args[-1] is Ellipsis):
+        return origin(from_json(args[0], v) for v in value)
+    if origin is tuple:
+        return tuple(from_json(a, v) for a, v in zip(args, value, strict=True))
+    if origin is dict:
+        return {k: from_json(args[1], v) for k, v in value.items()}
+    return float(value) if hint is float else value  # a float may be written as 2
+
+
+def lookup(rows: Iterable, **fields):
+    """The one row whose attributes equal `fields` (KeyError if none or several)."""
+    found = [row for row in rows if all(getattr(row, k) == v for k, v in fields.items())]
+    if len(found) != 1:
+        raise KeyError(f"{len(found)} rows with {fields}")
+    return found[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class Machine:
+    """What a figure was measured on (`train.perf.machine`)."""
+
+    cpu: str
+    cores: int  # the cores the process may use
+    sched: str | None = None  # the scheduling policy; None where the OS has no such call
+
+    @classmethod
+    def current(cls) -> Machine:
+        return cls(**machine())
+
+
+def command_line(module: str, argv: Iterable[str]) -> str:
+    """`python -m module argv...` as a record keeps it: paths inside the repository relative to
+    its root, so the command reads the same on every checkout."""
+    def relative(arg: str) -> str:
+        path = Path(arg)
+        return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else arg
+    return shlex.join(["python", "-m", module, *map(relative, argv)])
 
 
 def perplexity(nll: float) -> float:

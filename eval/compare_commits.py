@@ -13,10 +13,12 @@ trainer's jitted step; `gpt2jax.generate`): the train step of the `baby` (batch 
 124M (batch 4 x 256) shapes in float32, and 124M decoding at batch 1 and 8 with the KV cache,
 float32 and W8A8 weights, prompt 32 + 128 new tokens and total lengths 64 and 256 (half
 prompt, half new), as tokens per second of the whole call (median of the timed calls).
+The JSON is a `CompareResult` record (`eval.common.write_record`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -78,6 +80,51 @@ print("RESULT " + json.dumps(out))
 """
 
 
+@dataclasses.dataclass(frozen=True)
+class Tree:
+    """One side of the comparison."""
+
+    rev: str  # as given (--old, --new), or "work tree"
+    commit: str  # its full hash (HEAD's for the work tree)
+    code_hash: str  # common.code_hash of the tree measured
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitFigure:
+    name: str  # what the probe measured, e.g. decode_w8a8_b8_L256 (the names --only takes)
+    old: tuple[float, ...]  # tokens/s, one per round
+    new: tuple[float, ...]
+
+    @property
+    def old_tok_s(self) -> float:
+        return statistics.median(self.old)
+
+    @property
+    def new_tok_s(self) -> float:
+        return statistics.median(self.new)
+
+    @property
+    def new_over_old(self) -> float:
+        return self.new_tok_s / self.old_tok_s
+
+    def per_round(self) -> list[float]:
+        """new / old of the k-th run of each side: they share round k, so its load cancels."""
+        return [n / o for o, n in zip(self.old, self.new, strict=True)]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareResult:
+    machine: common.Machine
+    command: str | None  # None: run before records kept it
+    old: Tree
+    new: Tree
+    rounds: int
+    train_steps: int
+    decode_calls: int
+    only: tuple[str, ...] | None  # the figures asked for (--only); None: every figure
+    figures: tuple[CommitFigure, ...]
+
+
 def _measure(tree: Path, what: str, steps: int, calls: int, only: str) -> dict[str, float]:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "PYTHONPATH")}
     done = subprocess.run([sys.executable, "-c", _PROBE, what, str(steps), str(calls), only],
@@ -95,7 +142,7 @@ def _git(*args: str, cwd: Path = common.ROOT) -> str:
 
 
 def compare(old: str, new: str | None, rounds: int, steps: int, calls: int,
-            only: list[str] | None = None) -> dict:
+            only: list[str] | None = None, command: str | None = None) -> CompareResult:
     with tempfile.TemporaryDirectory(prefix="gpt2jax-compare-") as tmp:
         trees = {}
         for side, rev in (("old", old), ("new", new)):
@@ -106,7 +153,7 @@ def compare(old: str, new: str | None, rounds: int, steps: int, calls: int,
             _git("worktree", "add", "--detach", str(trees[side]), rev)
         try:
             hashes = {side: common.code_hash(tree) for side, tree in trees.items()}
-            figures: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
+            samples: dict[str, dict[str, list[float]]] = {"old": {}, "new": {}}
             order = [s for r in range(rounds) for s in (("old", "new") if r % 2 == 0
                                                         else ("new", "old"))]
             parts = [w for w in ("train", "decode")
@@ -117,40 +164,34 @@ def compare(old: str, new: str | None, rounds: int, steps: int, calls: int,
                     for key, value in measured.items():
                         if only and key not in only:
                             continue
-                        figures[side].setdefault(key, []).append(value)
+                        samples[side].setdefault(key, []).append(value)
         finally:
             for side, rev in (("old", old), ("new", new)):
                 if rev is not None:
                     _git("worktree", "remove", "--force", str(trees[side]))
-    median = {side: {k: statistics.median(v) for k, v in f.items()}
-              for side, f in figures.items()}
-    return {
-        "machine": common.machine(),
-        "old": old, "old_commit": _git("rev-parse", old),
-        "new": new or "work tree", "new_commit": _git("rev-parse", new or "HEAD"),
-        "old_code_hash": hashes["old"], "new_code_hash": hashes["new"],
-        "rounds": rounds, "train_steps": steps, "decode_calls": calls, "only": only,
-        "samples": figures, "old_tok_s": median["old"], "new_tok_s": median["new"],
-        "new_over_old": {k: median["new"][k] / median["old"][k] for k in median["old"]},
-    }
+    return CompareResult(
+        machine=common.Machine.current(), command=command,
+        old=Tree(old, _git("rev-parse", old), hashes["old"]),
+        new=Tree(new or "work tree", _git("rev-parse", new or "HEAD"), hashes["new"]),
+        rounds=rounds, train_steps=steps, decode_calls=calls,
+        only=None if only is None else tuple(only),
+        figures=tuple(CommitFigure(name, tuple(old_tok_s), tuple(samples["new"][name]))
+                      for name, old_tok_s in samples["old"].items()))
 
 
-def table(result: dict) -> str:
-    m = result["machine"]
-    rows = [f"Old {result['old_commit'][:7]} (code {result['old_code_hash']}) against new "
-            f"{result['new_commit'][:7]} (code {result['new_code_hash']}), {m['cpu']}, "
-            f"{m['cores']} cores; {result['rounds']} runs per side in ABBA order, medians "
-            f"(`eval/results/{result['json']}`).", "",
+def table(result: CompareResult, json_name: str) -> str:
+    """docs/results.md's table of the record written to eval/results/`json_name`."""
+    m, old, new = result.machine, result.old, result.new
+    rows = [f"Old {old.commit[:7]} (code {old.code_hash}) against new {new.commit[:7]} (code "
+            f"{new.code_hash}), {m.cpu}, {m.cores} cores; {result.rounds} runs per side in "
+            f"ABBA order, medians (`eval/results/{json_name}`).", "",
             "| figure (tok/s) | old | new | new / old | per round: mean ± sd |",
             "|---|---:|---:|---:|---:|"]
-    for key, ratio in result["new_over_old"].items():
-        # the k-th run of each side share round k: their ratio cancels that round's load
-        paired = [n / o for o, n in zip(result["samples"]["old"][key],
-                                        result["samples"]["new"][key], strict=True)]
+    for f in result.figures:
+        paired = f.per_round()
         spread = statistics.stdev(paired) if len(paired) > 1 else float("nan")
-        rows.append(f"| `{key}` | {result['old_tok_s'][key]:.1f} | "
-                    f"{result['new_tok_s'][key]:.1f} | {ratio:.3f} | "
-                    f"{statistics.mean(paired):.3f} ± {spread:.3f} |")
+        rows.append(f"| `{f.name}` | {f.old_tok_s:.1f} | {f.new_tok_s:.1f} | "
+                    f"{f.new_over_old:.3f} | {statistics.mean(paired):.3f} ± {spread:.3f} |")
     return "\n".join(rows)
 
 
@@ -165,18 +206,20 @@ def main(argv=None) -> int:
     p.add_argument("--only", nargs="+", help="just these figures (e.g. decode_w8a8_b8_L256)")
     p.add_argument("--readme", action="store_true",
                    help="write docs/results.md's table from --json (no run)")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = p.parse_args(argv)
     if not args.readme and not args.old:
         p.error("--old REV is needed to run the comparison")
     if args.readme:
-        result = json.loads(args.json.read_text())
-        common.write_readme_block(args.json.stem, table(result), common.RESULTS_DOC)
+        result = common.read_record(args.json, CompareResult)
+        common.write_readme_block(args.json.stem, table(result, args.json.name),
+                                  common.RESULTS_DOC)
         print(f"wrote docs/results.md's {args.json.stem} table from {args.json}")
         return 0
-    result = compare(args.old, args.new, args.rounds, args.steps, args.calls, args.only)
-    result["json"] = args.json.name
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
-    print(table(result))
+    result = compare(args.old, args.new, args.rounds, args.steps, args.calls, args.only,
+                     command=common.command_line("eval.compare_commits", argv))
+    common.write_record(args.json, result)
+    print(table(result, args.json.name))
     print(f"wrote {args.json}")
     return 0
 
