@@ -1,0 +1,54 @@
+"""eval.bench_serve's pieces that can be checked without a load run: the fixed request mix,
+the budget rule, and the record read back into its table."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from eval import bench_serve, common
+from gpt2jax.config import GPTConfig
+from gpt2jax.serve.__main__ import CACHE_KINDS
+from gpt2jax.serve.engine import cache_bytes
+
+
+def test_the_mix_is_fixed_and_inside_its_ranges():
+    config = GPTConfig.preset("gpt2")
+    mix = bench_serve.request_mix(config)
+    assert mix == bench_serve.request_mix(config)  # the same requests every run
+    lengths = [len(r["prompt"]) for r in mix]
+    new = [r["max_tokens"] for r in mix]
+    assert (min(lengths), max(lengths)) >= bench_serve.PROMPT_RANGE[:1] * 2
+    assert max(lengths) <= bench_serve.PROMPT_RANGE[1] and min(new) >= bench_serve.NEW_RANGE[0]
+    assert max(new) <= bench_serve.NEW_RANGE[1]
+    assert max(max(r["prompt"]) for r in mix) < 50256  # never <|endoftext|>
+    assert bench_serve.CONTEXT == 512 and len({r["seed"] for r in mix}) == len(mix)
+
+
+def test_the_budget_holds_8_float32_sequences_and_tq3_about_ten_times_more():
+    config = GPTConfig.preset("gpt2")
+    per_slot = {k: cache_bytes(config, bench_serve.CONTEXT, v) for k, v in CACHE_KINDS.items()}
+    assert per_slot["float32"] == 2 * 12 * 768 * 4 * 512 + 4  # 2·L·T·d·4, + its int32 length
+    budget = bench_serve.FLOAT32_SEQUENCES * per_slot["float32"]
+    slots = {k: budget // v for k, v in per_slot.items()}
+    # bfloat16: half the bytes, but each slot's int32 length is not halved: 15, not 16
+    assert slots["float32"] == 8 and slots["bfloat16"] == 15
+    assert slots["tq3"] >= 8 * 8  # the issue's goal: >= 8x float32's sequences
+
+
+def test_the_record_reads_back_into_its_table(tmp_path):
+    figure = lambda cache, clients, k, tok_s: bench_serve.LoadFigure(
+        cache, clients, 8, k, 8, 8, 8, 800, 10.0, tok_s, 1.0, 2.0, 0.1, 0.3, 2**30)
+    result = bench_serve.ServeResult(
+        preset="gpt2", machine=common.Machine("cpu", 2), code="abc", command="python -m x",
+        jax="0", budget_bytes=1, context=512, weight_bytes=2, bytes_per_slot={"float32": 1},
+        mix=((32, 64),), baselines=(bench_serve.BaselineFigure("one at a time", 8, 80, 4, 20.0),
+                                    bench_serve.BaselineFigure("static batch", 8, 80, 1, 80.0)),
+        figures=tuple(figure(c, n, 4, 40.0 * n) for c in CACHE_KINDS for n in (1, 16))
+        + (figure("float32", 16, 1, 100.0),))
+    path = common.write_record(tmp_path / "serve.json", result)
+    back = common.read_record(path, bench_serve.ServeResult)
+    assert back == dataclasses.replace(result)
+    assert back.figure("tq3", 16).tok_s == 640.0 and back.figure("float32", 16, 1).tok_s == 100
+    text = bench_serve.table(back)
+    assert "| tq3 | 8 | 16 | 640.0 | 32.00 |" in text  # 640 / one at a time's 20
+    assert "k=1: 100.0 tok/s" in text and "k=4: 640.0 tok/s" in text
