@@ -22,6 +22,7 @@ import openai
 import pytest
 
 from gpt2jax import checkpoint, tokenizer
+from gpt2jax.cache import TurboQuantConfig
 from gpt2jax.config import GPTConfig
 from gpt2jax.generation import generate
 from gpt2jax.model import init_params
@@ -134,6 +135,29 @@ def test_engine_compiles_nothing_after_warm_up_whatever_the_mix(params):
     engine.stop(10)
     assert [f._cache_size() for f in (engine_lib._prefill, engine_lib._insert,
                                       engine_lib._step, engine_lib._release)] == sizes
+
+
+@pytest.mark.parametrize("kv_cache", [None, TurboQuantConfig(bits=3)], ids=["float", "tq3"])
+def test_a_step_over_the_first_rows_equals_the_step_over_every_slot(params, kv_cache):
+    """At low load a step computes only the rows up to the highest live slot: those rows'
+    tokens and cache, and the untouched rest, equal the all-slots step's."""
+    engine = Engine(params, CONFIG, slots=4, context=64, steps_per_call=3, kv_cache=kv_cache)
+    assert engine.row_counts() == [1, 2, 4]
+    for i in range(2):
+        engine._admit(Request([3 + i] * (5 + 7 * i), Sampling(max_tokens=20, temperature=0.9,
+                                                             seed=i), lambda t: None,
+                              lambda r: None))
+    assert engine._rows() == 2
+    copy = lambda: jax.tree.map(jax.numpy.copy, engine._state)
+    full = engine_lib._step(params, copy(), config=CONFIG, steps=3, rows=4)
+    part = engine_lib._step(params, copy(), config=CONFIG, steps=3, rows=2)
+    np.testing.assert_array_equal(part[1], full[1][:2])
+    np.testing.assert_array_equal(part[2], full[2][:2])
+    rows = lambda x: x.reshape(4, -1)[:2]  # slot-major leaves: a slot's rows are contiguous
+    for a, b in zip(jax.tree.leaves(part[0]), jax.tree.leaves(full[0]), strict=True):
+        np.testing.assert_array_equal(rows(a), rows(b))
+    for a, b in zip(jax.tree.leaves(part[0]), jax.tree.leaves(engine._state), strict=True):
+        np.testing.assert_array_equal(a.reshape(4, -1)[2:], b.reshape(4, -1)[2:])
 
 
 def test_engine_seeded_sampling_does_not_depend_on_the_other_slots(params):

@@ -7,14 +7,16 @@ Device side, JetStream's shape (three jitted functions, each compiled once per s
                                      returns that cache and the first new token
     insert(state, one, slot, ...)    that row copied into slot `slot` of the slots' cache, with
                                      the request's sampling settings (slot is traced)
-    step(params, state, release_S)   `steps_per_call` decode steps of every live slot in one
-                                     `lax.scan`; tokens [S, k] and which of them were emitted
+    step(params, state, rows)        `steps_per_call` decode steps of the first `rows` slots
+                                     in one `lax.scan` (rows: a power of two past the highest
+                                     live slot); tokens [rows, k] and which were emitted
 
 Every per-request setting (temperature, top-k, top-p, seed, max tokens, stop ids) is a traced
 array of the slot state, so no mix of requests compiles anything new after warm-up.
 
 Host side, `Engine` runs one thread: between steps it frees finished or cancelled slots and
-prefills waiting requests into free ones; each request's tokens go to its own callback.
+prefills waiting requests into the lowest free ones (so live slots stay packed and a step
+computes few rows at low load); each request's tokens go to its own callback.
 """
 
 from __future__ import annotations
@@ -219,10 +221,13 @@ class Engine:
 
     def warm_up(self) -> None:
         """Compile every program a request can reach (each prompt bucket's prefill, insert,
-        step), so that the first requests are not slowed by compiles."""
+        each row count's step), so that the first requests are not slowed by compiles."""
         for P in self.buckets():
             length = max(1, min(P, self.context - 2))
             self.run_one([0] * length, Sampling(max_tokens=min(2, self.context - length)))
+        for rows in self.row_counts():
+            self._state = _step(self.params, self._state, config=self.config,
+                                steps=self.steps_per_call, rows=rows)[0]
         self._state = self._empty_state()
         self.tokens_generated = self.steps = 0
         self.finished.clear()
@@ -244,6 +249,16 @@ class Engine:
             sizes.append(P)
             P *= 2
         return [*sizes, self.context]
+
+    def row_counts(self) -> list[int]:
+        """The row counts a step compiles for: powers of two below the slots, and the slots."""
+        return [r for r in (1 << i for i in range(self.slots.bit_length())) if r < self.slots] + [
+            self.slots]
+
+    def _rows(self) -> int:
+        """The fewest row count that covers every live slot."""
+        highest = max(i for i, r in enumerate(self._by_slot) if r is not None)
+        return next(r for r in self.row_counts() if r > highest)
 
     def _run(self) -> None:
         while True:
@@ -306,17 +321,18 @@ class Engine:
         return slot
 
     def _advance(self) -> None:
-        self._state, toks_SK, emitted_SK, live_S = _step(
-            self.params, self._state, config=self.config, steps=self.steps_per_call)
-        toks_SK, emitted_SK, live_S = map(np.asarray, (toks_SK, emitted_SK, live_S))
+        rows = self._rows()
+        self._state, toks_RK, emitted_RK, live_R = _step(
+            self.params, self._state, config=self.config, steps=self.steps_per_call, rows=rows)
+        toks_RK, emitted_RK, live_R = map(np.asarray, (toks_RK, emitted_RK, live_R))
         self.steps += 1
-        for slot, request in enumerate(self._by_slot):
+        for slot, request in enumerate(self._by_slot[:rows]):
             if request is None:
                 continue
-            emitted = [int(t) for t in toks_SK[slot][emitted_SK[slot]]]
+            emitted = [int(t) for t in toks_RK[slot][emitted_RK[slot]]]
             for tok in emitted:
                 self._emit(slot, tok)
-            if not live_S[slot]:
+            if not live_R[slot]:
                 stop = bool(emitted) and emitted[-1] in request.sampling.stop_ids
                 self._finish(slot, "stop" if stop else "length")
 
@@ -398,10 +414,16 @@ def _release(state: SlotState, release_S) -> SlotState:
     return state.replace(live_S=state.live_S & ~release_S)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "steps"), donate_argnums=1)
-def _step(params, state: SlotState, *, config, steps):
-    """`steps` decode steps of every slot: (state, tokens [S, steps], emitted [S, steps],
-    live [S] after). A free slot computes at position 0 and emits nothing."""
+@functools.partial(jax.jit, static_argnames=("config", "steps", "rows"), donate_argnums=1)
+def _step(params, state: SlotState, *, config, steps, rows):
+    """`steps` decode steps of the first `rows` slots: (state, tokens [rows, steps], emitted
+    [rows, steps], live [rows] after). A free slot among them computes at position 0 and
+    emits nothing. With rows below the slots, their part of the state (every leaf leads with
+    the slot axis or slot·head rows) is sliced out once and written back once per call: a
+    step's cost follows the load, not the capacity."""
+    S = state.tok_S.shape[0]
+    part = state if rows == S else jax.tree.map(
+        lambda x: x[:rows * (x.shape[0] // S)], state)
 
     def one(state, _):
         cache = state.cache
@@ -416,5 +438,8 @@ def _step(params, state: SlotState, *, config, steps):
                               live_S=still_S, generated_S=generated_S)
         return state, (tok_S, live_S)
 
-    state, (toks_KS, emitted_KS) = jax.lax.scan(one, state, length=steps)
-    return state, toks_KS.T, emitted_KS.T, state.live_S
+    part, (toks_KR, emitted_KR) = jax.lax.scan(one, part, length=steps)
+    if rows < S:
+        part = jax.tree.map(lambda big, p: jax.lax.dynamic_update_slice(big, p, (0,) * big.ndim),
+                            state, part)
+    return part, toks_KR.T, emitted_KR.T, part.live_S[:rows]
