@@ -194,15 +194,20 @@ class Checkpointer:
             "meta"
         ]
 
-    def restore(self, abstract_state: dict, *, config: GPTConfig) -> tuple[dict, dict] | None:
+    def restore(self, abstract_state: dict, *, config: GPTConfig,
+                check_meta: Callable[[dict], None] | None = None) -> tuple[dict, dict] | None:
         """(state, meta) of the newest readable checkpoint, or None when there is none.
 
         `abstract_state` is the expected tree of ShapeDtypeStructs (with the shardings to
         restore onto). A damaged newest checkpoint is moved to `corrupted/` with a warning
-        and the one before it is used; another config raises CheckpointMismatchError."""
+        and the one before it is used; another config raises CheckpointMismatchError, as
+        does `check_meta(meta)` (the caller's own test of the meta), both before any array
+        is read, so the message names the settings rather than the tree they change."""
 
         def read(step, meta):
             check_config(meta["config"], config, f"checkpoint {self.directory}/{step}")
+            if check_meta is not None:
+                check_meta(meta)
             params_abs = abstract_state["params"]
             rest_abs = {k: v for k, v in abstract_state.items() if k != "params"}
             where = f"checkpoint {self.directory}/{step}"

@@ -1,5 +1,5 @@
 """Data-parallel and FSDP training over 4 simulated CPU devices give the single-device
-losses; FSDP really splits the state."""
+losses (AdamW and Muon); FSDP really splits the state."""
 
 from __future__ import annotations
 
@@ -24,8 +24,11 @@ CHILD = textwrap.dedent("""
 
     base = TrainConfig.from_dict(json.loads(sys.argv[1]))
     losses = {}
-    for name, mesh, fsdp in (("single", 1, False), ("data", 4, False), ("fsdp", 4, True)):
-        cfg = base.replace(out=base.out + "-" + name, mesh_data=mesh, fsdp=fsdp)
+    for name, mesh, fsdp, optimizer in (
+            ("single", 1, False, "adamw"), ("data", 4, False, "adamw"), ("fsdp", 4, True, "adamw"),
+            ("single-muon", 1, False, "muon"), ("fsdp-muon", 4, True, "muon")):
+        cfg = base.replace(out=base.out + "-" + name, mesh_data=mesh, fsdp=fsdp,
+                           optimizer=optimizer)
         losses[name] = train(cfg, progress=False).losses
     mesh = sharding.make_mesh(4)
     opt = optim.make_optimizer(weight_decay=0.1)
@@ -52,6 +55,10 @@ def test_data_parallel_and_fsdp_match_single_device(tmp_path):
     assert len(single) == 5 and single[-1] < single[0]
     for name in ("data", "fsdp"):
         assert result["losses"][name] == pytest.approx(single, abs=1e-5), name
+    # Muon's Newton-Schulz runs on FSDP-sharded kernels and gives the single-device losses
+    muon = result["losses"]["single-muon"]
+    assert muon != single and muon[-1] < muon[0]
+    assert result["losses"]["fsdp-muon"] == pytest.approx(muon, abs=1e-5)
     assert result["split_fraction"] > 0.99  # FSDP leaves only scalars replicated
 
 

@@ -16,7 +16,7 @@ import pytest
 from trainutil import TINY_MODEL, run_child, small_corpus, tiny_config
 
 from gpt2jax import checkpoint as ckpt_lib
-from gpt2jax import hf
+from gpt2jax import hf, lora
 from gpt2jax.model import init_params
 from train import NonFiniteLossError, optim, train
 from train import step as step_lib
@@ -93,6 +93,74 @@ def test_weight_decay_only_on_kernels_and_embeddings():
     assert not mask["h/0/ln_1/scale"] and not mask["h/1/attn/c_attn/bias"]
 
 
+def test_muon_takes_the_blocks_kernels_and_adamw_the_rest():
+    config = TINY_MODEL.replace(tie_embeddings=False)
+    params = init_params(config, jax.random.PRNGKey(0))
+    labels = {ckpt_lib.path_str(p): v
+              for p, v in jax.tree_util.tree_flatten_with_path(optim.muon_labels(params))[0]}
+    kernels = ["attn/c_attn/kernel", "attn/c_proj/kernel", "mlp/c_fc/kernel", "mlp/c_proj/kernel"]
+    muon = sorted(f"h/{i}/{k}" for i in range(config.n_layer) for k in kernels)
+    assert sorted(k for k, v in labels.items() if v == "muon") == muon
+    assert {labels[k] for k in ("lm_head", "wte/embedding", "wpe/embedding", "ln_f/scale",
+                                "h/0/ln_1/bias", "h/1/mlp/c_fc/bias")} == {"adamw"}
+    # LoRA's factors stay on AdamW whatever module they adapt
+    adapters = lora.init(lora.LoRAConfig(rank=2, alpha=4.0, targets=("c_attn.qv", "c_fc")), config,
+                         jax.random.PRNGKey(1)).tree
+    assert set(jax.tree.leaves(optim.muon_labels(adapters))) == {"adamw"}
+
+    # each part is its reference: the kernels optax's Muon at muon_lr (its sign flipped, per
+    # unit lr), everything else exactly the AdamW optimizer
+    grads = jax.tree.map(lambda x: jax.random.normal(jax.random.PRNGKey(2), x.shape) * 1e-2,
+                         params)
+    ours = optim.make_optimizer(weight_decay=0.1, grad_clip=0.0, optimizer="muon", lr=2e-3,
+                                muon_lr=0.02, muon_momentum=0.9)
+    adamw = optim.make_optimizer(weight_decay=0.1, grad_clip=0.0)
+    muon = optax.contrib.muon(0.02, beta=0.9, weight_decay=0.1)
+    d_ours = ours.update(grads, ours.init(params), params)[0]
+    d_adamw = adamw.update(grads, adamw.init(params), params)[0]
+    kernel = lambda tree: {k: tree["h"]["0"][k.split("/")[0]][k.split("/")[1]]["kernel"]
+                           for k in ("attn/c_attn", "mlp/c_proj")}
+    d_muon = muon.update(kernel(grads), muon.init(kernel(params)), kernel(params))[0]
+    for k, d in kernel(d_ours).items():
+        np.testing.assert_allclose(-2e-3 * d, d_muon[k], rtol=1e-5, atol=1e-9)
+    for path, d in jax.tree_util.tree_flatten_with_path(d_ours)[0]:
+        if labels[ckpt_lib.path_str(path)] == "adamw":
+            ref = d_adamw
+            for key in path:
+                ref = ref[key.key]
+            np.testing.assert_array_equal(d, ref)
+
+
+def test_muon_accumulates_like_the_big_batch():
+    opt = optim.make_optimizer(weight_decay=0.1, optimizer="muon", lr=1e-3)
+    step = jax.jit(step_lib.make_train_step(TINY_MODEL, opt))
+    state = step_lib.init_state(init_params(TINY_MODEL, jax.random.PRNGKey(0)), opt, seed=0)
+    x, y = BatchSampler(np.arange(5000, dtype=np.uint16) % 50257, 4, 32).batch(0)
+    big, _ = step(state, x[None], y[None], 1e-3)
+    acc, _ = step(state, x.reshape(2, 2, 32), y.reshape(2, 2, 32), 1e-3)
+    for a, b in zip(jax.tree.leaves(big), jax.tree.leaves(acc), strict=True):
+        np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--optimizer", "sgd"], "invalid choice: 'sgd'"),
+    (["--optimizer", "muon", "--muon-momentum", "-0.5"], "muon_momentum=-0.5 must be in [0, 1)"),
+    (["--optimizer", "muon", "--muon-momentum", "1"], "muon_momentum=1.0 must be in [0, 1)"),
+    (["--optimizer", "muon", "--muon-lr", "0"], "muon_lr=0.0 must be > 0"),
+    (["--lr", "0"], "lr=0.0 must be > 0"),
+    (["--lr=-1e-3"], "lr=-0.001 must be > 0"),
+])
+def test_bad_optimizer_settings_exit_2_with_one_line(flags, message, capsys):
+    try:
+        code = train_main([*flags, "--print-config"])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+    assert train_main(["--optimizer", "muon", "--muon-momentum", "0", "--print-config"]) == 0
+
+
 def test_exact_resume_after_sigterm_and_sigkill(straight, tmp_path):
     cfg, reference = straight
     cfg = cfg.replace(out=str(tmp_path / "run"))
@@ -118,6 +186,28 @@ def test_exact_resume_after_sigterm_and_sigkill(straight, tmp_path):
     for a, b in zip(jax.tree.leaves(_params(reference.out)), jax.tree.leaves(_params(resumed.out)),
                     strict=True):
         assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_muon_resumes_bit_exact_after_sigkill(corpus, tmp_path):
+    """Muon's momentum is part of the checkpoint: a run killed after its step-4 checkpoint
+    resumes to the straight run's losses and params, bit for bit."""
+    cfg = tiny_config(corpus, tmp_path / "straight", optimizer="muon", muon_lr=0.05,
+                      model=TINY_MODEL.replace(dropout=0.1))
+    reference = train(cfg, progress=False)
+    assert np.mean(reference.losses[-3:]) < reference.losses[0] - 0.5
+    cfg = cfg.replace(out=str(tmp_path / "run"))
+    sigkill = f"lambda s, m: s == 6 and os.kill(os.getpid(), {int(signal.SIGKILL)})"
+    child = run_child(cfg, sigkill)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints").steps() == [4]
+    resumed = train(cfg.replace(resume=True), progress=False)
+    assert resumed.losses == reference.losses
+    for a, b in zip(jax.tree.leaves(_params(reference.out)), jax.tree.leaves(_params(resumed.out)),
+                    strict=True):
+        assert np.array_equal(a, b)
+    # a checkpoint of one optimizer is not resumed by the other
+    with pytest.raises(ValueError, match="optimizer: 'muon' vs 'adamw'"):
+        train(cfg.replace(resume=True, optimizer="adamw", max_steps=10), progress=False)
 
 
 def test_damaged_newest_checkpoint_falls_back_with_a_warning(straight, tmp_path):

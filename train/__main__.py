@@ -28,6 +28,7 @@ from gpt2jax import cli, lora, sharding
 from gpt2jax import config as model_config_lib
 from gpt2jax.config import GPTConfig
 from train import config as config_lib
+from train import optim
 from train.trainer import NonFiniteLossError, train
 
 # (flag, GPTConfig field, type, choices): every model switch is reachable from the CLI.
@@ -54,6 +55,7 @@ TRAIN_FLAGS = (
     ("--grad-accum", "grad_accum", int), ("--lr", "lr", float), ("--min-lr", "min_lr", float),
     ("--warmup-steps", "warmup_steps", int), ("--weight-decay", "weight_decay", float),
     ("--beta1", "beta1", float), ("--beta2", "beta2", float), ("--grad-clip", "grad_clip", float),
+    ("--muon-lr", "muon_lr", float), ("--muon-momentum", "muon_momentum", float),
     ("--eval-every", "eval_every", int), ("--eval-batches", "eval_batches", int),
     ("--final-eval-batches", "final_eval_batches", int),
     ("--ckpt-every", "ckpt_every", int), ("--keep-checkpoints", "keep_checkpoints", int),
@@ -67,6 +69,9 @@ LORA_SHAPE_FIELDS = ("lora_rank", "lora_alpha", "rslora", "lora_targets", "lora_
 HELP = {
     "max_steps": "TrainConfig.max_steps; a preset's warmup_steps that would not fit shrinks to "
                  "max_steps // 10 unless --warmup-steps is given",
+    "muon_lr": "with --optimizer muon: Muon's peak learning rate, on the same warmup + cosine "
+               "shape as --lr (default 0.02)",
+    "muon_momentum": "with --optimizer muon: its Nesterov momentum, in [0, 1) (default 0.95)",
     "lora_dropout": "with --lora-rank: share of the adapters' input dropped in training (as "
                     "peft's lora_dropout; default 0)",
     "lora_from": "a peft LoRA folder (adapter_config.json + adapter_model.safetensors) to "
@@ -95,6 +100,9 @@ def build_parser() -> cli.ArgumentParser:
     p.add_argument("--bias", dest="bias", action="store_true")
     for flag, field, typ in TRAIN_FLAGS:
         p.add_argument(flag, dest=field, type=typ, help=HELP.get(field, f"TrainConfig.{field}"))
+    p.add_argument("--optimizer", choices=optim.OPTIMIZERS,
+                   help="adamw (default), or muon: Muon for the blocks' Linear kernels, AdamW "
+                        "for embeddings, head, biases, norm gains and LoRA factors")
     p.add_argument("--rslora", action="store_true", default=None,
                    help="with --lora-rank: scale adapters by alpha/sqrt(r) instead of alpha/r")
     p.add_argument("--lora-targets", dest="lora_targets", nargs="+", metavar="TARGET",
@@ -125,7 +133,7 @@ def config_from_args(args: argparse.Namespace, platform: str = "cpu") -> config_
                          dtype=args.dtype or config_lib.platform_dtype(platform))
     model = model.replace(**{k: v for k, v in model_changes.items() if v is not None})
     changes = {field: getattr(args, field) for _, field, _ in TRAIN_FLAGS}
-    changes.update(resume=args.resume, fsdp=args.fsdp, rslora=args.rslora,
+    changes.update(optimizer=args.optimizer, resume=args.resume, fsdp=args.fsdp, rslora=args.rslora,
                    lora_targets=tuple(args.lora_targets) if args.lora_targets else None,
                    mesh_data=sharding.parse_mesh(args.mesh) if args.mesh else None)
     changes = {k: v for k, v in changes.items() if v is not None}

@@ -8,12 +8,14 @@ from typing import Any
 
 from gpt2jax.config import GPTConfig
 from gpt2jax.lora import LoRAConfig
+from train import optim
 
 # Fields that change the sequence of updates: a resumed run must match the checkpoint's.
 # (init_from is not one: a LoRA base is checked by its sha256, wherever it now lies.)
 TRAJECTORY_FIELDS = (
     "model", "seed", "batch_size", "grad_accum", "max_steps", "lr", "min_lr",
-    "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "lora_rank",
+    "warmup_steps", "weight_decay", "beta1", "beta2", "grad_clip", "optimizer", "muon_lr",
+    "muon_momentum", "lora_rank",
     "lora_alpha", "rslora", "lora_targets", "lora_dropout",
 )
 
@@ -35,6 +37,9 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0  # global-norm clip; 0 disables
+    optimizer: str = "adamw"  # or "muon": Muon for the blocks' kernels, AdamW for the rest
+    muon_lr: float = 0.02  # Muon's peak lr (follows the schedule's shape); the rest use lr
+    muon_momentum: float = 0.95  # Muon's Nesterov momentum (modded-nanogpt's and optax's)
     eval_every: int = 250
     eval_batches: int = 0  # batches per periodic eval; 0 = the whole val split
     final_eval_batches: int = 0  # batches of the final eval; 0 = the whole val split (smoke
@@ -68,6 +73,7 @@ class TrainConfig:
             raise ValueError(
                 f"warmup_steps={self.warmup_steps} must be in [0, max_steps={self.max_steps})"
             )
+        optim.check_optimizer(self.optimizer, self.lr, self.muon_lr, self.muon_momentum)
         if not 0 < self.min_lr <= self.lr:
             raise ValueError(f"need 0 < min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}")
         if self.batch_size % self.mesh_data:
@@ -172,13 +178,15 @@ def platform_dtype(platform: str) -> str:
 def describe(cfg: TrainConfig) -> str:
     """One line naming the run's recipe choices; every run prints it first."""
     m = cfg.model
+    optimizer = (f"Muon (lr {cfg.muon_lr:g}, momentum {cfg.muon_momentum:g}) + AdamW"
+                 if cfg.optimizer == "muon" else "AdamW")
     budget = (f"{cfg.max_minutes:g}-minute budget" if cfg.max_minutes
               else f"{cfg.max_steps} steps")
     return (f"recipe: {m.n_layer} layers x {m.n_embd} dims, {m.n_head} heads, "
             f"{m.pos_embedding} positions, {m.norm_placement}-{m.norm}, "
             f"{'tied' if m.tie_embeddings else 'untied'} head, dropout {m.dropout:g}, {m.dtype}; "
-            f"{cfg.batch_size * cfg.grad_accum} x {m.block_size} tokens per step, AdamW lr "
-            f"{cfg.lr:g} -> {cfg.min_lr:g} (warmup {cfg.warmup_steps}), {budget}")
+            f"{cfg.batch_size * cfg.grad_accum} x {m.block_size} tokens per step, {optimizer}, "
+            f"lr {cfg.lr:g} -> {cfg.min_lr:g} (warmup {cfg.warmup_steps}), {budget}")
 
 
 def preset(name: str) -> TrainConfig:

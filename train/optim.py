@@ -1,10 +1,13 @@
-"""AdamW with global-norm clipping and masked weight decay; the warmup + cosine schedule.
+"""AdamW, or Muon for the blocks' kernels beside AdamW for the rest, with global-norm
+clipping and masked weight decay; the warmup + cosine schedule.
 
 The optimizer returns the update direction for a learning rate of 1; the train step
 multiplies it by the step's learning rate, which the host passes in. That is optax.adamw
 (scale_by_adam -> add_decayed_weights -> scale by -lr) with the last factor moved out, so
 the schedule may follow wall-clock time as well as steps (`--max-minutes`) without a
-recompile or a learning rate baked into the optimizer state.
+recompile or a learning rate baked into the optimizer state. Muon's own learning rate is
+the ratio muon_lr / lr inside its branch, so both follow the one schedule's shape
+(docs/design.md#muon).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import math
 
 import jax
 import optax
+import optax.contrib
 
 from gpt2jax import lora
 from gpt2jax import params as params_lib
@@ -34,13 +38,60 @@ def decay_mask(tree) -> dict:
     return jax.tree_util.tree_map_with_path(is_decayed, tree)
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+def muon_labels(tree) -> dict:
+    """'muon' for the blocks' Linear kernels (the param spec's 2-D hidden matrices), 'adamw'
+    for everything else: embeddings, the head (tied or untied), biases, norm gains, and
+    LoRA's factors (orthogonalizing a rank-r factor sets all its singular values alike,
+    erasing the scale that alpha/r or alpha/sqrt(r) is there to set)."""
+
+    def label(path, _):
+        if params_lib.keys(path)[-1] in lora.FACTOR_NAMES:
+            return "adamw"
+        return "muon" if params_lib.role(path) == "kernel" else "adamw"
+
+    return jax.tree_util.tree_map_with_path(label, tree)
+
+
+def check_optimizer(optimizer: str, lr: float, muon_lr: float, muon_momentum: float) -> None:
+    """ValueError naming the value and the fix for settings no optimizer here can run."""
+    if optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}: pass "
+                         f"--optimizer adamw or --optimizer muon")
+    if not lr > 0:
+        raise ValueError(f"lr={lr} must be > 0: pass --lr with a positive learning rate")
+    if optimizer == "muon":
+        if not muon_lr > 0:
+            raise ValueError(f"muon_lr={muon_lr} must be > 0: pass --muon-lr with a positive "
+                             f"learning rate (default 0.02)")
+        if not 0 <= muon_momentum < 1:
+            raise ValueError(f"muon_momentum={muon_momentum} must be in [0, 1): pass "
+                             f"--muon-momentum 0.95 (the default) or another value below 1")
+
+
 def make_optimizer(*, weight_decay: float, beta1: float = 0.9, beta2: float = 0.95,
-                   grad_clip: float = 1.0) -> optax.GradientTransformation:
-    """Clip -> Adam -> decoupled weight decay: the direction that -lr scales."""
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
-    parts += [optax.scale_by_adam(b1=beta1, b2=beta2),
-              optax.add_decayed_weights(weight_decay, mask=decay_mask)]
-    return optax.chain(*parts)
+                   grad_clip: float = 1.0, optimizer: str = "adamw", lr: float = 1.0,
+                   muon_lr: float = 0.02, muon_momentum: float = 0.95,
+                   ) -> optax.GradientTransformation:
+    """Clip -> Adam -> decoupled weight decay: the direction that -lr scales.
+
+    optimizer="muon": the kernels `muon_labels` names take optax's Muon (Nesterov momentum
+    `muon_momentum`, Newton-Schulz orthogonalization, its width scaling, decoupled decay at
+    its own rate), scaled by muon_lr / lr so that the host's lr_t gives muon_lr_t; the
+    rest take the AdamW above."""
+    check_optimizer(optimizer, lr, muon_lr, muon_momentum)
+    clip = [optax.clip_by_global_norm(grad_clip)] if grad_clip > 0 else []
+    adamw = [optax.scale_by_adam(b1=beta1, b2=beta2),
+             optax.add_decayed_weights(weight_decay, mask=decay_mask)]
+    if optimizer == "adamw":
+        return optax.chain(*clip, *adamw)
+    # optax's Muon ends in -learning_rate; the step subtracts, so its sign flips back
+    muon = optax.chain(optax.contrib.muon(muon_lr / lr, beta=muon_momentum,
+                                          weight_decay=weight_decay), optax.scale(-1.0))
+    return optax.chain(*clip, optax.partition({"adamw": optax.chain(*adamw), "muon": muon},
+                                              muon_labels))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,3 +123,10 @@ class LRSchedule:
             return self.lr * step / self.warmup_steps
         cosine = 0.5 * (1 + math.cos(math.pi * self.progress(step, time_fraction)))
         return self.min_lr + (self.lr - self.min_lr) * cosine
+
+
+def optimizer_for(cfg) -> optax.GradientTransformation:
+    """The optimizer a TrainConfig names."""
+    return make_optimizer(weight_decay=cfg.weight_decay, beta1=cfg.beta1, beta2=cfg.beta2,
+                          grad_clip=cfg.grad_clip, optimizer=cfg.optimizer, lr=cfg.lr,
+                          muon_lr=cfg.muon_lr, muon_momentum=cfg.muon_momentum)

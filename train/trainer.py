@@ -272,8 +272,7 @@ class Trainer:
         self.sampler = data_lib.BatchSampler(self.train_tokens, B, T, cfg.seed)
         mesh = sharding.make_mesh(cfg.mesh_data)
         self.schedule = optim.LRSchedule(cfg.lr, cfg.min_lr, cfg.warmup_steps, cfg.max_steps)
-        optimizer = optim.make_optimizer(weight_decay=cfg.weight_decay, beta1=cfg.beta1,
-                                         beta2=cfg.beta2, grad_clip=cfg.grad_clip)
+        optimizer = optim.optimizer_for(cfg)
         init = lambda p: step_lib.init_state(p, optimizer, cfg.seed)
         state_sh = sharding.state_shardings(jax.eval_shape(init, params), mesh, cfg.fsdp)
         abstract = jax.tree.map(
@@ -543,19 +542,22 @@ def train(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = Non
 
 def _restore(checkpoints, abstract, cfg: TrainConfig, data_dir, data_meta, lora_meta):
     """(state, meta) to resume from, after checking the run would continue unchanged."""
-    restored = checkpoints.restore(abstract, config=cfg.model)
+
+    def same_trajectory(meta):
+        diff = TrainConfig.from_dict(meta["train_config"]).trajectory_diff(cfg)
+        if diff:
+            raise ckpt_lib.CheckpointMismatchError(
+                f"--resume with settings that change the run (checkpoint vs now): "
+                f"{'; '.join(diff)}. Pass the checkpoint's values or start a new --out"
+            )
+
+    restored = checkpoints.restore(abstract, config=cfg.model, check_meta=same_trajectory)
     if restored is None:
         raise FileNotFoundError(
             f"--resume: no checkpoint in {checkpoints.directory}; drop --resume to start "
             f"afresh or point --out at the run to continue"
         )
     state, meta = restored
-    diff = TrainConfig.from_dict(meta["train_config"]).trajectory_diff(cfg)
-    if diff:
-        raise ckpt_lib.CheckpointMismatchError(
-            f"--resume with settings that change the run (checkpoint vs now): "
-            f"{'; '.join(diff)}. Pass the checkpoint's values or start a new --out"
-        )
     if meta["data_sha256"] != data_meta["source_sha256"]:
         raise ckpt_lib.CheckpointMismatchError(
             f"--resume on other data: the checkpoint was trained on source sha256 "
