@@ -13,7 +13,8 @@ tokens/s, p50/p99 latency, p50/p99 time to first token, the server's peak reside
 and requests lost or duplicated. Beside it, the same requests through `gpt2jax.generate` one
 at a time and as one static batch (compiles excluded: each shape runs once untimed first).
 
-The JSON is a `ServeResult` record; --readme writes docs/serving.md's table and plot from it.
+The JSON is a `ServeResult` record; --readme writes docs/serving.md's table and plot, and the
+README's serving lines, from it.
 """
 
 from __future__ import annotations
@@ -30,11 +31,9 @@ import threading
 import time
 from pathlib import Path
 
-import httpx
 import jax
 import matplotlib
 import numpy as np
-import psutil
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -103,9 +102,16 @@ class ServeResult:
 
     def figure(self, cache: str, clients: int, steps_per_call: int | None = None) -> LoadFigure:
         rows = [f for f in self.figures if f.cache == cache and f.clients == clients]
-        if steps_per_call is None:  # the main sweep's
-            steps_per_call = max(f.steps_per_call for f in self.figures)
+        if steps_per_call is None:
+            steps_per_call = self.steps_per_call
         return common.lookup(rows, steps_per_call=steps_per_call)
+
+    @property
+    def steps_per_call(self) -> int:
+        """The main sweep's k: the one every cache kind ran (the ablation is float32's)."""
+        (k,) = set.intersection(*({f.steps_per_call for f in self.figures if f.cache == c}
+                                  for c in {f.cache for f in self.figures}))
+        return k
 
     def baseline(self, mode: str) -> BaselineFigure:
         return common.lookup(self.baselines, mode=mode)
@@ -154,6 +160,8 @@ class Served:
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
 
     def _sample_rss(self):
+        import psutil  # the benchmark's own dependencies (dev extra), not the records'
+
         process = psutil.Process(self.proc.pid)
         while self._sampling and self.proc.poll() is None:
             self.peak_rss = max(self.peak_rss, process.memory_info().rss)
@@ -165,8 +173,7 @@ class Served:
         self.proc.wait(120)
 
 
-async def _one(client: httpx.AsyncClient, url: str, request: dict) -> tuple[float, float, int,
-                                                                             str]:
+async def _one(client, url: str, request: dict) -> tuple[float, float, int, str]:
     """(time to first token, latency, completion tokens, completion id) of one streamed
     request."""
     start, first, tokens, ident = time.perf_counter(), None, 0, ""
@@ -188,6 +195,8 @@ async def _one(client: httpx.AsyncClient, url: str, request: dict) -> tuple[floa
 
 async def _closed_loop(url: str, requests: list[dict], clients: int):
     """`clients` clients, each sending its next request when its last one completes."""
+    import httpx
+
     pending = list(reversed(requests))
     results = []
 
@@ -281,7 +290,7 @@ def run(preset: str, clients: list[int], steps_per_call: int, ablation: list[int
 
 def plot(result: ServeResult, path: Path) -> Path:
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    k = max(f.steps_per_call for f in result.figures)
+    k = result.steps_per_call
     for cache in CACHE_KINDS:
         rows = sorted((f for f in result.figures if f.cache == cache and f.steps_per_call == k),
                       key=lambda f: f.clients)
@@ -302,7 +311,7 @@ def plot(result: ServeResult, path: Path) -> Path:
 
 def table(result: ServeResult) -> str:
     """docs/serving.md's table, every figure from the record."""
-    k = max(f.steps_per_call for f in result.figures)
+    k = result.steps_per_call
     alone = result.baseline("one at a time")
     lines = [f"{result.preset} shape, random weights, on {result.machine.cpu} "
              f"({result.machine.cores} cores), code `{result.code}`: `{result.command}`. "
@@ -331,6 +340,22 @@ def table(result: ServeResult) -> str:
     return "\n".join(lines)
 
 
+def summary(result: ServeResult) -> str:
+    """The README's serving lines: capacity and throughput by cache kind, from the record."""
+    most = max(f.clients for f in result.figures)
+    rows = {kind: result.figure(kind, most) for kind in CACHE_KINDS}
+    f32 = rows["float32"]
+    held = ", ".join(f"{kind} {f.slots}" for kind, f in rows.items())
+    speed = ", ".join(f"{kind} {f.tok_s:.0f}" for kind, f in rows.items())
+    return (f"Serving the {result.preset} shape (`{result.command}`, {result.machine.cpu}, "
+            f"{result.machine.cores} cores): one cache budget of "
+            f"{result.budget_bytes / 2**20:.0f} MiB holds sequences of {result.context} tokens: "
+            f"{held}. At {most} closed-loop clients that is {speed} output tokens/s (TurboQuant "
+            f"{rows['tq3'].tok_s / f32.tok_s:.2f}× float32); `gpt2jax.generate` one request "
+            f"at a time: {result.baseline('one at a time').tok_s:.0f} tok/s. Latency, time to "
+            f"first token and the plot: [docs/serving.md](docs/serving.md#under-load).")
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser("python -m eval.bench_serve", description=__doc__,
@@ -350,6 +375,7 @@ def main(argv=None) -> None:
     result = common.read_record(args.json, ServeResult)
     plot(result, args.json.with_suffix(".png"))
     common.write_readme_block("bench_serve", table(result), DOC)
+    common.write_readme_block("serving", summary(result))
     print(table(result))
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from eval import verdicts as rules
 from eval.bench_decode import DecodeResult
+from eval.bench_serve import ServeResult
 from eval.common import README, RESULTS, read_record, write_readme_block
 from eval.verdicts import Verdict, fmt_seeds, per_seed
 
@@ -324,7 +325,31 @@ def render_kv(results: dict[str, dict | DecodeResult]) -> Section:
              f"{rules.TQ_SETTING} {three['compression_vs_fp16']:.2f}× smaller than fp16 (norms "
              f"counted), {three['delta_loss_pct']:+.2f}% loss, "
              f"{100 * three['greedy_match']:.0f}% greedy tokens equal")
+    if "bench_serve.json" in results:  # what the smaller cache buys: capacity
+        serve = results["bench_serve.json"]
+        table += "\n\nUnder load (`eval.bench_serve`), same cache budget:\n\n" + _md_table(
+            ["cache", "bytes per sequence", "sequences in the budget",
+             "tok/s at 64 clients", "× float32"], capacity_rows(serve))
+        brief += "; " + capacity_brief(serve)
     return Section(how, table, verdict, rules.RULES["kv"], why, brief)
+
+
+def capacity_rows(serve: ServeResult) -> list[list]:
+    """Per cache kind: bytes per sequence of the benchmark's context, slots in the budget,
+    output tokens/s at the most clients, and that over float32's."""
+    most = max(f.clients for f in serve.figures)
+    base = serve.figure("float32", most).tok_s
+    return [[kind, f"{serve.bytes_per_slot[kind]:,}", serve.figure(kind, most).slots,
+             f"{serve.figure(kind, most).tok_s:.1f}",
+             f"{serve.figure(kind, most).tok_s / base:.2f}×"] for kind in serve.bytes_per_slot]
+
+
+def capacity_brief(serve: ServeResult) -> str:
+    most = max(f.clients for f in serve.figures)
+    f32, tq = serve.figure("float32", most), serve.figure("tq3", most)
+    return (f"in {serve.budget_bytes / 2**20:.0f} MiB of cache tq3 holds {tq.slots} "
+            f"sequences of {serve.context} tokens to float32's {f32.slots}, "
+            f"{tq.tok_s / f32.tok_s:.2f}× the tok/s at {most} clients")
 
 
 def render_int8(results: dict[str, dict]) -> Section:
@@ -396,7 +421,7 @@ CLAIMS = (
           "at a memory cost of 2 × layers × sequence × dimension; TurboQuant shrinks that "
           "memory 5–6× at about 3 bits per value \"with zero accuracy loss\".",
           (("eval.bench_decode", "bench_decode.json"), ("eval.kv_quant", "kv_quant.json")),
-          render_kv),
+          render_kv, checks=(("eval.bench_serve", "bench_serve.json"),)),
     Claim("6. INT8 weights, norms skipped",
           "LayerNorm is left in full precision when the weights go to INT8, because "
           "quantizing it saves almost nothing and costs accuracy.",
@@ -447,7 +472,7 @@ def run_experiments(quick: bool, out: Path, work: Path, rerun: bool,
     return seconds
 
 
-RECORDS = {"bench_decode.json": DecodeResult}  # the results read as typed records
+RECORDS = {"bench_decode.json": DecodeResult, "bench_serve.json": ServeResult}  # typed records
 
 
 def _load(path: Path) -> dict | DecodeResult:

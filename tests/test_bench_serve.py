@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from eval import bench_serve, common
+from eval import bench_serve, claims, common
 from gpt2jax.config import GPTConfig
 from gpt2jax.serve.__main__ import CACHE_KINDS
 from gpt2jax.serve.engine import cache_bytes
@@ -44,11 +44,20 @@ def test_the_record_reads_back_into_its_table(tmp_path):
         mix=((32, 64),), baselines=(bench_serve.BaselineFigure("one at a time", 8, 80, 4, 20.0),
                                     bench_serve.BaselineFigure("static batch", 8, 80, 1, 80.0)),
         figures=tuple(figure(c, n, 4, 40.0 * n) for c in CACHE_KINDS for n in (1, 16))
-        + (figure("float32", 16, 1, 100.0),))
+        + (figure("float32", 16, 1, 100.0), figure("float32", 16, 8, 90.0)))
     path = common.write_record(tmp_path / "serve.json", result)
     back = common.read_record(path, bench_serve.ServeResult)
     assert back == dataclasses.replace(result)
     assert back.figure("tq3", 16).tok_s == 640.0 and back.figure("float32", 16, 1).tok_s == 100
     text = bench_serve.table(back)
     assert "| tq3 | 8 | 16 | 640.0 | 32.00 |" in text  # 640 / one at a time's 20
-    assert "k=1: 100.0 tok/s" in text and "k=4: 640.0 tok/s" in text
+    assert "k=1: 100.0 tok/s" in text and "k=4: 640.0 tok/s" in text and "k=8: 90.0" in text
+    assert back.steps_per_call == 4  # the k every cache ran, not the ablation's largest
+    assert bench_serve.plot(back, tmp_path / "serve.png").stat().st_size > 0
+    summary = bench_serve.summary(back)
+    assert "holds sequences of 512 tokens: float32 8, bfloat16 8, tq3 8" in summary
+    assert "At 16 closed-loop clients that is float32 640, bfloat16 640, tq3 640" in summary
+    assert "(TurboQuant 1.00× float32)" in summary and "at a time: 20 tok/s" in summary
+    # claim 5's report reads the same record: capacity beside the bytes
+    assert claims.capacity_rows(back)[0] == ["float32", "1", 8, "640.0", "1.00×"]
+    assert "tq3 holds 8 sequences of 512 tokens to float32's 8" in claims.capacity_brief(back)

@@ -333,7 +333,8 @@ def long_server(tmp_path_factory):
     s.stop()
 
 
-LONG = {"model": MODEL, "prompt": "a", "max_tokens": 1000, "stream": True}
+# greedy: a sampled request ends early wherever the random model draws <|endoftext|>
+LONG = {"model": MODEL, "prompt": "a", "max_tokens": 1000, "stream": True, "temperature": 0}
 
 
 def _first_chunk(lines):
