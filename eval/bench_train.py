@@ -5,6 +5,8 @@
 Three sides, same shapes, same threads, one run, taking turns step by step:
 
 - `gpt2jax`: `train.step.make_train_step` under `jax.jit` (the trainer's own step).
+- `gpt2jax_muon`: the same step with `--optimizer muon` (optax's Muon on the blocks' kernels,
+  AdamW on the rest): what Muon's Newton-Schulz iterations cost per step.
 - `torch_compiled`: a nanoGPT-style model written here (fused c_attn,
   `F.scaled_dot_product_attention(is_causal=True)`, tanh GELU, tied head, our vocabulary of
   50,257) under `torch.compile`, with the fastest AdamW torch offers on the CPU (fused, else
@@ -45,7 +47,7 @@ SHAPES = {  # name -> (model preset, batch, seq)
     "124m": ("gpt2", 4, 256),
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
-SIDES = ("gpt2jax", "torch_compiled", "torch")
+SIDES = ("gpt2jax", "gpt2jax_muon", "torch_compiled", "torch")
 PEAK_N = 2048
 
 
@@ -101,9 +103,9 @@ def _time_interleaved(runners: dict, warmup: int, steps: int) -> dict[str, float
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def _jax_step(config: GPTConfig, batch: int, seq: int):
+def _jax_step(config: GPTConfig, batch: int, seq: int, optimizer: str = "adamw"):
     """(jitted train step, its state, x, y, lr) as the trainer builds them."""
-    optimizer = optim.make_optimizer(weight_decay=0.1)
+    optimizer = optim.make_optimizer(weight_decay=0.1, optimizer=optimizer, lr=1e-4)
     state = step_lib.init_state(init_params(config, jax.random.PRNGKey(0)), optimizer, 0)
     train_step = jax.jit(step_lib.make_train_step(config, optimizer), donate_argnums=0)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (1, batch, seq + 1))
@@ -117,9 +119,9 @@ def compiled_step_text(config: GPTConfig, batch: int, seq: int) -> str:
     return train_step.lower(*args).compile().as_text()
 
 
-def jax_runner(config: GPTConfig, batch: int, seq: int):
+def jax_runner(config: GPTConfig, batch: int, seq: int, optimizer: str = "adamw"):
     """(run one train step and block, seconds the first step took: compile included)."""
-    train_step, state, x, y, lr = _jax_step(config, batch, seq)
+    train_step, state, x, y, lr = _jax_step(config, batch, seq, optimizer)
 
     def run_step():
         nonlocal state
@@ -231,6 +233,11 @@ def compiled_runner(config: GPTConfig, batch: int, seq: int):
     return _torch_step(torch.compile(model), config, batch, seq, optimizer)
 
 
+RUNNERS = {"gpt2jax": jax_runner,  # side -> (config, batch, seq) -> (run_step, first step s)
+           "gpt2jax_muon": lambda *shape: jax_runner(*shape, optimizer="muon"),
+           "torch_compiled": compiled_runner, "torch": hf_runner}
+
+
 def _timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -245,7 +252,8 @@ def framework_peaks() -> dict[str, float]:
             "torch_fp32_flops": perf.sustained_flops(lambda: a @ a, PEAK_N)}
 
 
-def run(quick: bool = False, dtypes=tuple(DTYPES), command: str | None = None) -> TrainResult:
+def run(quick: bool = False, dtypes=tuple(DTYPES), command: str | None = None,
+        sides=SIDES) -> TrainResult:
     import torch
 
     torch.set_num_threads(common.cores())  # XLA's CPU client uses every core it is given
@@ -258,12 +266,11 @@ def run(quick: bool = False, dtypes=tuple(DTYPES), command: str | None = None) -
             config = GPTConfig.preset(preset, dtype=DTYPES[dname])
             flops = perf.flops_per_token(config, seq)
             print(f"{shape} {dname} (batch {batch} x {seq}) ...", flush=True)
-            runners = {"gpt2jax": jax_runner(config, batch, seq),
-                       "torch_compiled": compiled_runner(config, batch, seq),
-                       "torch": hf_runner(config, batch, seq)}
+            runners = {side: RUNNERS[side](config, batch, seq) for side in sides}
             step_s = _time_interleaved({k: r[0] for k, r in runners.items()}, warmup, steps)
-            for side in SIDES:
-                own_peak = peaks["jax_fp32_flops" if side == "gpt2jax" else "torch_fp32_flops"]
+            for side in sides:
+                own_peak = peaks["jax_fp32_flops" if side.startswith("gpt2jax")
+                                 else "torch_fp32_flops"]
                 tok_s = batch * seq / step_s[side]
                 figures.append(TrainFigure(shape, dname, side, tok_s, tok_s * flops / own_peak,
                                            runners[side][1]))
@@ -318,14 +325,18 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="3 timed steps (smoke test)")
     parser.add_argument("--dtypes", nargs="+", choices=tuple(DTYPES), default=list(DTYPES))
+    parser.add_argument("--sides", nargs="+", choices=SIDES, default=list(SIDES),
+                        help="which steps to time (gpt2jax always; e.g. --sides gpt2jax "
+                             "gpt2jax_muon for Muon's cost alone)")
     parser.add_argument("--readme", action="store_true",
                         help="rewrite docs/results.md's training table from "
                         "eval/results/bench_train*.json")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     if not args.readme or args.json:
+        sides = ["gpt2jax", *(s for s in args.sides if s != "gpt2jax")]
         results = run(quick=args.quick, dtypes=tuple(args.dtypes),
-                      command=common.command_line("eval.bench_train", argv))
+                      command=common.command_line("eval.bench_train", argv), sides=sides)
         print(format_table(results))
         if args.json:
             common.write_record(args.json, results)
@@ -337,6 +348,11 @@ def main(argv=None) -> int:
         common.write_readme_block(
             "bench_train", readme_table(sorted(common.RESULTS.glob("bench_train*.json"))),
             common.RESULTS_DOC)
+        muon = common.RESULTS / "muon_step.json"  # --sides gpt2jax gpt2jax_muon
+        if muon.exists():
+            result = common.read_record(muon, TrainResult)
+            common.write_readme_block("muon_step", f"`{result.command}`\n\n"
+                                      + format_table(result), common.RESULTS_DOC)
     return 0
 
 
