@@ -11,7 +11,7 @@ import signal
 import jax
 import numpy as np
 import pytest
-from trainutil import TINY_MODEL, run_child, small_corpus, tiny_config
+from trainutil import TINY_MODEL, killed_then_resumed, small_corpus, tiny_config
 
 from gpt2jax import checkpoint as ckpt_lib
 from gpt2jax import lora, quantize, sample, sources
@@ -210,12 +210,8 @@ def test_lora_over_an_int8_base_trains_with_the_base_int8(int8_finetuned):
 
 def test_lora_over_an_int8_base_resumes_exactly_after_sigkill(int8_finetuned, tmp_path):
     _, cfg, reference = int8_finetuned
-    cfg = cfg.replace(out=str(tmp_path / "run"))
-    sigkill = f"lambda s, m: s == 5 and os.kill(os.getpid(), {int(signal.SIGKILL)})"
-    child = run_child(cfg, sigkill)
-    assert child.returncode == -signal.SIGKILL, child.stderr
-    assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints").steps() == [3]
-    resumed = train(cfg.replace(resume=True), progress=False)
+    resumed = killed_then_resumed(cfg.replace(out=str(tmp_path / "run")), at_step=5,
+                                  checkpoints=[3])
     assert resumed.losses == reference.losses and resumed.val_loss == reference.val_loss
     assert _leaves_equal(ckpt_lib.load_adapters(resumed.out)[0].tree,
                          ckpt_lib.load_adapters(reference.out)[0].tree)

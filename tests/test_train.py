@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from trainutil import TINY_MODEL, run_child, small_corpus, tiny_config
+from trainutil import TINY_MODEL, killed_then_resumed, run_child, small_corpus, tiny_config
 
 from gpt2jax import checkpoint as ckpt_lib
 from gpt2jax import hf, lora
@@ -196,11 +196,7 @@ def test_muon_resumes_bit_exact_after_sigkill(corpus, tmp_path):
     reference = train(cfg, progress=False)
     assert np.mean(reference.losses[-3:]) < reference.losses[0] - 0.5
     cfg = cfg.replace(out=str(tmp_path / "run"))
-    sigkill = f"lambda s, m: s == 6 and os.kill(os.getpid(), {int(signal.SIGKILL)})"
-    child = run_child(cfg, sigkill)
-    assert child.returncode == -signal.SIGKILL, child.stderr
-    assert ckpt_lib.Checkpointer(tmp_path / "run" / "checkpoints").steps() == [4]
-    resumed = train(cfg.replace(resume=True), progress=False)
+    resumed = killed_then_resumed(cfg, at_step=6, checkpoints=[4])
     assert resumed.losses == reference.losses
     for a, b in zip(jax.tree.leaves(_params(reference.out)), jax.tree.leaves(_params(resumed.out)),
                     strict=True):

@@ -62,3 +62,19 @@ def run_child(cfg: TrainConfig, hook: str = "None", extra_env: dict | None = Non
     env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
     return subprocess.run([sys.executable, "-c", body, json.dumps(cfg.to_dict())], cwd=REPO,
                           env=env, capture_output=True, text=True, timeout=300)
+
+
+def killed_then_resumed(cfg: TrainConfig, at_step: int, checkpoints: list[int]):
+    """Train `cfg` in a child that SIGKILL ends at step `at_step` (no chance to clean up),
+    check the checkpoints it left, then resume here: the resumed run's result."""
+    import signal
+
+    from gpt2jax.checkpoint import Checkpointer
+    from train import train
+
+    kill = f"lambda s, m: s == {at_step} and os.kill(os.getpid(), {int(signal.SIGKILL)})"
+    child = run_child(cfg, kill)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    assert Checkpointer(Path(cfg.out) / "checkpoints").steps() == checkpoints
+    return train(cfg.replace(resume=True), progress=False)
+
