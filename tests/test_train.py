@@ -201,6 +201,10 @@ def test_muon_resumes_bit_exact_after_sigkill(corpus, tmp_path):
     for a, b in zip(jax.tree.leaves(_params(reference.out)), jax.tree.leaves(_params(resumed.out)),
                     strict=True):
         assert np.array_equal(a, b)
+    # Muon's settings change a Muon run, not an AdamW one
+    adamw = cfg.replace(optimizer="adamw")
+    assert adamw.trajectory_diff(adamw.replace(muon_lr=0.1)) == []
+    assert cfg.trajectory_diff(cfg.replace(muon_lr=0.1)) == ["muon_lr: 0.05 vs 0.1"]
     # a checkpoint of one optimizer is not resumed by the other
     with pytest.raises(ValueError, match="optimizer: 'muon' vs 'adamw'"):
         train(cfg.replace(resume=True, optimizer="adamw", max_steps=10), progress=False)

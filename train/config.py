@@ -18,6 +18,7 @@ TRAJECTORY_FIELDS = (
     "muon_momentum", "lora_rank",
     "lora_alpha", "rslora", "lora_targets", "lora_dropout",
 )
+MUON_FIELDS = ("muon_lr", "muon_momentum")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,10 +137,13 @@ class TrainConfig:
         return cls(**{**d, "model": GPTConfig.from_dict(d["model"])})
 
     def trajectory_diff(self, other: TrainConfig) -> list[str]:
-        """'field: a vs b' for every trajectory field where self and other differ."""
+        """'field: a vs b' for every trajectory field where self and other differ (Muon's
+        settings only where a run uses Muon: an AdamW run never reads them)."""
+        unused = () if "muon" in (self.optimizer, other.optimizer) else MUON_FIELDS
         return [
             f"{f}: {getattr(self, f)!r} vs {getattr(other, f)!r}"
-            for f in TRAJECTORY_FIELDS if getattr(self, f) != getattr(other, f)
+            for f in TRAJECTORY_FIELDS
+            if f not in unused and getattr(self, f) != getattr(other, f)
         ]
 
 
