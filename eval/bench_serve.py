@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import json
 import os
 import subprocess
@@ -32,6 +33,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import matplotlib
 import numpy as np
 
@@ -45,7 +47,7 @@ from gpt2jax.generation import generate  # noqa: E402
 from gpt2jax.model import init_params  # noqa: E402
 from gpt2jax.quant import int8  # noqa: E402
 from gpt2jax.serve.__main__ import CACHE_KINDS  # noqa: E402
-from gpt2jax.serve.engine import cache_bytes  # noqa: E402
+from gpt2jax.serve.engine import Engine, _step, cache_bytes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "serving.md"
@@ -55,6 +57,9 @@ FLOAT32_SEQUENCES = 8  # the budget: this many float32 sequences at CONTEXT toke
 MIX_SIZE = 128
 BASELINE_REQUESTS = 8
 START_S, REQUEST_S = 900, 1800
+CEILING_ROWS, CEILING_FILLED, CEILING_CALLS = (1, 8, 16, 64), (128, 480), 3
+COUNTERS = {"gpt2jax_steps_total": "steps", "gpt2jax_step_rows_computed_total": "rows_computed",
+            "gpt2jax_step_rows_live_total": "rows_live"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +79,17 @@ class LoadFigure:
     ttft_p50_s: float
     ttft_p99_s: float
     peak_rss_bytes: int
+    engine: dict[str, float]  # the server's /metrics over the run: seconds by phase, rows
+
+    @property
+    def prefill_share(self) -> float:
+        busy = self.engine["prefill_s"] + self.engine["step_s"]
+        return self.engine["prefill_s"] / busy if busy else 0.0
+
+    @property
+    def row_use(self) -> float:
+        """Of the slot rows the decode calls computed, the fraction that held a request."""
+        return self.engine["rows_live"] / max(1.0, self.engine["rows_computed"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +99,20 @@ class BaselineFigure:
     output_tokens: int
     wall_s: float
     tok_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class CeilingFigure:
+    """One decode call's device time, nothing else running: what a served step can reach."""
+
+    cache: str
+    rows: int  # live slots, all computed
+    filled: int  # tokens each row's cache holds
+    step_s: float  # per decode step (a call's time / steps_per_call)
+
+    @property
+    def tok_s(self) -> float:
+        return self.rows / self.step_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +129,7 @@ class ServeResult:
     mix: tuple[tuple[int, int], ...]  # (prompt tokens, new tokens) per request
     figures: tuple[LoadFigure, ...]
     baselines: tuple[BaselineFigure, ...]
+    ceilings: tuple[CeilingFigure, ...]
 
     def figure(self, cache: str, clients: int, steps_per_call: int | None = None) -> LoadFigure:
         rows = [f for f in self.figures if f.cache == cache and f.clients == clients]
@@ -115,6 +146,9 @@ class ServeResult:
 
     def baseline(self, mode: str) -> BaselineFigure:
         return common.lookup(self.baselines, mode=mode)
+
+    def ceiling(self, cache: str, rows: int, filled: int) -> CeilingFigure:
+        return common.lookup(self.ceilings, cache=cache, rows=rows, filled=filled)
 
 
 def request_mix(config: GPTConfig, size: int = MIX_SIZE, seed: int = 0) -> list[dict]:
@@ -167,6 +201,21 @@ class Served:
             self.peak_rss = max(self.peak_rss, process.memory_info().rss)
             time.sleep(0.2)
 
+    def engine_counters(self) -> dict[str, float]:
+        """The engine's counters from /metrics: seconds by phase, decode calls, rows."""
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        text = httpx.get(f"http://127.0.0.1:{self.port}/metrics", timeout=30).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "gpt2jax_engine_seconds_total":
+                    out[f"{sample.labels['phase']}_s"] = sample.value
+                elif sample.name in COUNTERS:
+                    out[COUNTERS[sample.name]] = sample.value
+        return out
+
     def stop(self):
         self._sampling = False
         self.proc.terminate()
@@ -217,7 +266,9 @@ def load(served: Served, cache: str, mix: list[dict], clients: int,
     url = f"http://127.0.0.1:{served.port}/v1/completions"
     requests = [{**r, "model": served.model} for r in requests]
     served.peak_rss = 0
+    before = served.engine_counters()
     results, wall = asyncio.run(_closed_loop(url, requests, clients))
+    engine = {k: v - before[k] for k, v in served.engine_counters().items()}
     ttft, latency, tokens, ids = zip(*results, strict=True)
     pct = lambda xs, q: float(np.percentile(xs, q))
     figure = LoadFigure(
@@ -225,11 +276,15 @@ def load(served: Served, cache: str, mix: list[dict], clients: int,
         requests=len(requests), completed=len(results), distinct_ids=len(set(ids)),
         output_tokens=int(sum(tokens)), wall_s=wall, tok_s=sum(tokens) / wall,
         latency_p50_s=pct(latency, 50), latency_p99_s=pct(latency, 99),
-        ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), peak_rss_bytes=served.peak_rss)
+        ttft_p50_s=pct(ttft, 50), ttft_p99_s=pct(ttft, 99), peak_rss_bytes=served.peak_rss,
+        engine=engine)
     print(f"  {cache:>8} {clients:>3} clients ({served.slots} slots, k={steps_per_call}): "
           f"{figure.tok_s:7.1f} tok/s  latency p50 {figure.latency_p50_s:6.2f} p99 "
           f"{figure.latency_p99_s:6.2f} s  ttft p50 {figure.ttft_p50_s:5.2f} p99 "
-          f"{figure.ttft_p99_s:5.2f} s  rss {served.peak_rss / 2**20:,.0f} MiB", flush=True)
+          f"{figure.ttft_p99_s:5.2f} s  rss {served.peak_rss / 2**20:,.0f} MiB\n"
+          f"           engine: prefill {engine['prefill_s']:.1f} s, decode {engine['step_s']:.1f}"
+          f" s, hand-out {engine['hand_out_s']:.1f} s of {wall:.1f}; rows used "
+          f"{figure.row_use:.0%}", flush=True)
     return figure
 
 
@@ -256,6 +311,35 @@ def baselines(params, config: GPTConfig, mix: list[dict]) -> list[BaselineFigure
             BaselineFigure("static batch", len(requests), tokens, batched, tokens / batched)]
 
 
+def ceilings(params, config: GPTConfig, slots: dict[str, int],
+             steps_per_call: int) -> list[CeilingFigure]:
+    """Device time of one decode call at CEILING_ROWS live rows (capped at each kind's slots)
+    whose caches hold CEILING_FILLED tokens: the served figures' upper bound. TurboQuant reads
+    only the filled prefix of its codes, so its cost follows the longest live request."""
+    out = []
+    for cache, kind in CACHE_KINDS.items():
+        for rows in sorted({min(r, slots[cache]) for r in CEILING_ROWS}):
+            engine = Engine(params, config, slots=rows, context=CONTEXT, kv_cache=kind,
+                            steps_per_call=steps_per_call)
+            for filled in CEILING_FILLED:
+                state = engine._empty_state()
+                state = state.replace(
+                    cache=state.cache.replace(lengths=jnp.full((rows,), filled, jnp.int32)),
+                    live_S=jnp.ones((rows,), bool), max_new_S=jnp.full((rows,), CONTEXT))
+                step = functools.partial(_step, params, config=config, steps=steps_per_call,
+                                         rows=rows)
+                state = jax.block_until_ready(step(state)[0])  # compile
+                start = time.perf_counter()
+                for _ in range(CEILING_CALLS):
+                    state = step(state)[0]
+                jax.block_until_ready(state)
+                step_s = (time.perf_counter() - start) / CEILING_CALLS / steps_per_call
+                out.append(CeilingFigure(cache, rows, filled, step_s))
+                print(f"  {cache:>8} {rows:>3} rows, {filled} filled: {step_s * 1e3:6.1f} "
+                      f"ms/step, {rows / step_s:6.1f} tok/s", flush=True)
+    return out
+
+
 def run(preset: str, clients: list[int], steps_per_call: int, ablation: list[int],
         argv: list[str]) -> ServeResult:
     config = GPTConfig.preset(preset)
@@ -268,6 +352,9 @@ def run(preset: str, clients: list[int], steps_per_call: int, ablation: list[int
     base = baselines(params, config, mix)
     for b in base:
         print(f"  {b.mode}: {b.tok_s:.1f} tok/s", flush=True)
+    print("ceilings (decode calls alone) ...", flush=True)
+    ceiling = ceilings(params, config, {c: budget // per_slot[c] for c in CACHE_KINDS},
+                       steps_per_call)
     figures = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / preset
@@ -285,7 +372,7 @@ def run(preset: str, clients: list[int], steps_per_call: int, ablation: list[int
         command=common.command_line("eval.bench_serve", argv), jax=jax.__version__,
         budget_bytes=budget, context=CONTEXT, weight_bytes=int8.nbytes(params),
         bytes_per_slot=per_slot, mix=tuple((len(r["prompt"]), r["max_tokens"]) for r in mix),
-        figures=tuple(figures), baselines=tuple(base))
+        figures=tuple(figures), baselines=tuple(base), ceilings=tuple(ceiling))
 
 
 def plot(result: ServeResult, path: Path) -> Path:
@@ -322,21 +409,33 @@ def table(result: ServeResult) -> str:
              f"{alone.tok_s:.1f} tok/s, as one static batch "
              f"{result.baseline('static batch').tok_s:.1f} tok/s.", "",
              "| cache | slots | clients | tok/s | × one at a time | latency p50 / p99 (s) | "
-             "first token p50 / p99 (s) | peak RSS (MiB) | lost / duplicated |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "first token p50 / p99 (s) | peak RSS (MiB) | lost / duplicated | prefill share "
+             "| rows used |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for f in sorted((f for f in result.figures if f.steps_per_call == k),
                     key=lambda f: (list(CACHE_KINDS).index(f.cache), f.clients)):
         lines.append(
             f"| {f.cache} | {f.slots} | {f.clients} | {f.tok_s:.1f} | {f.tok_s / alone.tok_s:.2f}"
             f" | {f.latency_p50_s:.2f} / {f.latency_p99_s:.2f} | {f.ttft_p50_s:.2f} / "
             f"{f.ttft_p99_s:.2f} | {f.peak_rss_bytes / 2**20:,.0f} | "
-            f"{f.requests - f.completed} / {f.completed - f.distinct_ids} |")
+            f"{f.requests - f.completed} / {f.completed - f.distinct_ids} | "
+            f"{f.prefill_share:.0%} | {f.row_use:.0%} |")
     ablation = sorted((f for f in result.figures if f.clients == 16 and f.cache == "float32"),
                       key=lambda f: f.steps_per_call)
     if len(ablation) > 1:
         lines += ["", "Decode steps per jitted call (float32, 16 clients): " + ", ".join(
             f"k={f.steps_per_call}: {f.tok_s:.1f} tok/s, first token p99 {f.ttft_p99_s:.2f} s"
             for f in ablation) + "."]
+    lines += ["", "Prefill share: of the engine thread's prefill and decode time, the part spent "
+              "prefilling. Rows used: of the rows the decode calls computed, the part that held a "
+              "request.", "", f"Decode calls alone ({k} steps each, nothing else running): "
+              "tokens/s by live rows and tokens in each row's cache.", "",
+              "| cache | rows | " + " | ".join(f"{n} filled" for n in CEILING_FILLED) + " |",
+              "|---|---:|" + "---:|" * len(CEILING_FILLED)]
+    for cache in CACHE_KINDS:
+        for rows in sorted({c.rows for c in result.ceilings if c.cache == cache}):
+            lines.append(f"| {cache} | {rows} | " + " | ".join(
+                f"{result.ceiling(cache, rows, n).tok_s:.1f}" for n in CEILING_FILLED) + " |")
     return "\n".join(lines)
 
 

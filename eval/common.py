@@ -246,9 +246,9 @@ def from_json(hint, value):
     return float(value) if hint is float else value  # a float may be written as 2
 
 
-def lookup(rows: Iterable, **fields):
+def lookup(records: Iterable, /, **fields):
     """The one row whose attributes equal `fields` (KeyError if none or several)."""
-    found = [row for row in rows if all(getattr(row, k) == v for k, v in fields.items())]
+    found = [r for r in records if all(getattr(r, k) == v for k, v in fields.items())]
     if len(found) != 1:
         raise KeyError(f"{len(found)} rows with {fields}")
     return found[0]

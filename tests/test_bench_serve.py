@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from eval import bench_serve, claims, common
 from gpt2jax.config import GPTConfig
+from gpt2jax.model import init_params
 from gpt2jax.serve.__main__ import CACHE_KINDS
 from gpt2jax.serve.engine import cache_bytes
 
@@ -36,15 +39,19 @@ def test_the_budget_holds_8_float32_sequences_and_tq3_about_ten_times_more():
 
 
 def test_the_record_reads_back_into_its_table(tmp_path):
+    engine = {"prefill_s": 1.0, "step_s": 3.0, "hand_out_s": 0.1, "steps": 10.0,
+              "rows_computed": 80.0, "rows_live": 60.0}
     figure = lambda cache, clients, k, tok_s: bench_serve.LoadFigure(
-        cache, clients, 8, k, 8, 8, 8, 800, 10.0, tok_s, 1.0, 2.0, 0.1, 0.3, 2**30)
+        cache, clients, 8, k, 8, 8, 8, 800, 10.0, tok_s, 1.0, 2.0, 0.1, 0.3, 2**30, engine)
     result = bench_serve.ServeResult(
         preset="gpt2", machine=common.Machine("cpu", 2), code="abc", command="python -m x",
         jax="0", budget_bytes=1, context=512, weight_bytes=2, bytes_per_slot={"float32": 1},
         mix=((32, 64),), baselines=(bench_serve.BaselineFigure("one at a time", 8, 80, 4, 20.0),
                                     bench_serve.BaselineFigure("static batch", 8, 80, 1, 80.0)),
         figures=tuple(figure(c, n, 4, 40.0 * n) for c in CACHE_KINDS for n in (1, 16))
-        + (figure("float32", 16, 1, 100.0), figure("float32", 16, 8, 90.0)))
+        + (figure("float32", 16, 1, 100.0), figure("float32", 16, 8, 90.0)),
+        ceilings=tuple(bench_serve.CeilingFigure(c, 8, n, 0.1 * (1 + (n > 128)))
+                       for c in CACHE_KINDS for n in bench_serve.CEILING_FILLED))
     path = common.write_record(tmp_path / "serve.json", result)
     back = common.read_record(path, bench_serve.ServeResult)
     assert back == dataclasses.replace(result)
@@ -52,6 +59,8 @@ def test_the_record_reads_back_into_its_table(tmp_path):
     text = bench_serve.table(back)
     assert "| tq3 | 8 | 16 | 640.0 | 32.00 |" in text  # 640 / one at a time's 20
     assert "k=1: 100.0 tok/s" in text and "k=4: 640.0 tok/s" in text and "k=8: 90.0" in text
+    assert "| 800 / 0 |" not in text and "| 0 / 0 | 25% | 75% |" in text  # 1 of 1+3 s; 60/80
+    assert "| tq3 | 8 | 80.0 | 40.0 |" in text  # 8 rows / 0.1 s; / 0.2 s at 480 filled
     assert back.steps_per_call == 4  # the k every cache ran, not the ablation's largest
     assert bench_serve.plot(back, tmp_path / "serve.png").stat().st_size > 0
     summary = bench_serve.summary(back)
@@ -61,3 +70,14 @@ def test_the_record_reads_back_into_its_table(tmp_path):
     # claim 5's report reads the same record: capacity beside the bytes
     assert claims.capacity_rows(back)[0] == ["float32", "1", 8, "640.0", "1.00×"]
     assert "tq3 holds 8 sequences of 512 tokens to float32's 8" in claims.capacity_brief(back)
+
+
+def test_the_ceiling_times_a_decode_call_at_each_row_count_capped_by_the_slots():
+    config = GPTConfig.preset("gpt2", n_layer=1, n_head=2, n_embd=64, vocab_size=64)
+    params = init_params(config, jax.random.key(0))
+    slots = {"float32": 2, "bfloat16": 4, "tq3": 16}
+    figures = bench_serve.ceilings(params, config, slots, steps_per_call=2)
+    rows = {c: sorted({f.rows for f in figures if f.cache == c}) for c in CACHE_KINDS}
+    assert rows == {"float32": [1, 2], "bfloat16": [1, 4], "tq3": [1, 8, 16]}
+    assert {f.filled for f in figures} == set(bench_serve.CEILING_FILLED)
+    assert all(f.step_s > 0 for f in figures)

@@ -137,6 +137,17 @@ def test_engine_compiles_nothing_after_warm_up_whatever_the_mix(params):
                                       engine_lib._step, engine_lib._release)] == sizes
 
 
+def test_engine_counts_its_time_and_the_rows_its_steps_computed_and_used(params):
+    engine = Engine(params, CONFIG, slots=4, context=64, steps_per_call=2)
+    engine.warm_up()
+    assert engine.steps == engine.rows_computed == 0 and not engine.seconds  # warm-up uncounted
+    out = engine.run_one([1, 2, 3], Sampling(max_tokens=6, temperature=0.0))
+    assert len(out) == 6  # the first from prefill, then 5 over ceil(5 / 2) = 3 steps
+    assert engine.steps == 3 and engine.rows_computed == 3 and engine.rows_live == 3  # 1 row
+    assert set(engine.seconds) == {"prefill", "step", "hand_out"}
+    assert all(v > 0 for v in engine.seconds.values())
+
+
 @pytest.mark.parametrize("kv_cache", [None, TurboQuantConfig(bits=3)], ids=["float", "tq3"])
 def test_a_step_over_the_first_rows_equals_the_step_over_every_slot(params, kv_cache):
     """At low load a step computes only the rows up to the highest live slot: those rows'
@@ -317,7 +328,9 @@ def test_metrics_are_prometheus_text(server):
     text = httpx.get(f"{server.url}/metrics", timeout=10).text
     for name in ("gpt2jax_queue_depth", "gpt2jax_live_slots", "gpt2jax_cache_bytes_in_use",
                  "gpt2jax_tokens_generated_total", "gpt2jax_request_latency_seconds_bucket",
-                 "gpt2jax_slots 8.0"):
+                 "gpt2jax_slots 8.0", 'gpt2jax_engine_seconds_total{phase="prefill"}',
+                 "gpt2jax_steps_total", "gpt2jax_step_rows_computed_total",
+                 "gpt2jax_step_rows_live_total"):
         assert name in text
 
 

@@ -131,6 +131,17 @@ class Metrics:
             yield GaugeMetricFamily(name, doc, value=value)
         yield CounterMetricFamily("gpt2jax_tokens_generated", "Tokens generated",
                                   value=e.tokens_generated)
+        yield CounterMetricFamily("gpt2jax_steps", "Decode calls", value=e.steps)
+        for name, doc, value in (
+                ("gpt2jax_step_rows_computed", "Slot rows the decode calls computed",
+                 e.rows_computed),
+                ("gpt2jax_step_rows_live", "Slot rows that held a request", e.rows_live)):
+            yield CounterMetricFamily(name, doc, value=value)
+        seconds = CounterMetricFamily("gpt2jax_engine_seconds",
+                                      "The engine thread's time by phase", labels=["phase"])
+        for phase in ("prefill", "step", "hand_out"):
+            seconds.add_metric([phase], e.seconds[phase])
+        yield seconds
         finished = CounterMetricFamily("gpt2jax_requests_finished",
                                        "Requests the engine ended, by reason", labels=["reason"])
         for reason in ("length", "stop", "cancelled", "error"):

@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import jax
@@ -159,6 +160,10 @@ class Engine:
         self.tokens_generated = 0
         self.steps = 0
         self.finished: collections.Counter[str] = collections.Counter()  # requests by reason
+        # the engine thread's time by phase, and the rows its steps computed and used: where a
+        # served token's time goes (prefill, decode on device, handing tokens out)
+        self.seconds: collections.Counter[str] = collections.Counter()
+        self.rows_computed = self.rows_live = 0
 
     # -------------------------------------------------------------- the host side
 
@@ -229,8 +234,9 @@ class Engine:
             self._state = _step(self.params, self._state, config=self.config,
                                 steps=self.steps_per_call, rows=rows)[0]
         self._state = self._empty_state()
-        self.tokens_generated = self.steps = 0
+        self.tokens_generated = self.steps = self.rows_computed = self.rows_live = 0
         self.finished.clear()
+        self.seconds.clear()
 
     def run_one(self, prompt: list[int], sampling: Sampling) -> list[int]:
         """One request, start to end, on the calling thread (for tests and warm-up)."""
@@ -297,6 +303,7 @@ class Engine:
                     self._finish(slot, "cancelled")
 
     def _admit(self, request: Request) -> int:
+        started = time.perf_counter()
         slot = self._by_slot.index(None)
         s = request.sampling
         P = min(bucket(len(request.prompt)), self.context)
@@ -314,6 +321,7 @@ class Engine:
         self._state = _insert(self._state, one, jnp.int32(slot), tok, settings)
         self._by_slot[slot] = request
         first = int(tok)
+        self.seconds["prefill"] += time.perf_counter() - started
         self._emit(slot, first)
         if s.max_tokens == 1 or first in s.stop_ids:
             self._state = _release(self._state, jnp.arange(self.slots) == slot)
@@ -321,11 +329,16 @@ class Engine:
         return slot
 
     def _advance(self) -> None:
+        started = time.perf_counter()
         rows = self._rows()
         self._state, toks_RK, emitted_RK, live_R = _step(
             self.params, self._state, config=self.config, steps=self.steps_per_call, rows=rows)
         toks_RK, emitted_RK, live_R = map(np.asarray, (toks_RK, emitted_RK, live_R))
+        stepped = time.perf_counter()
+        self.seconds["step"] += stepped - started
         self.steps += 1
+        self.rows_computed += rows
+        self.rows_live += self.live
         for slot, request in enumerate(self._by_slot[:rows]):
             if request is None:
                 continue
@@ -335,6 +348,7 @@ class Engine:
             if not live_R[slot]:
                 stop = bool(emitted) and emitted[-1] in request.sampling.stop_ids
                 self._finish(slot, "stop" if stop else "length")
+        self.seconds["hand_out"] += time.perf_counter() - stepped
 
     def _emit(self, slot: int, tok: int) -> None:
         request = self._by_slot[slot]
