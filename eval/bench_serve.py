@@ -426,6 +426,25 @@ def table(result: ServeResult) -> str:
         lines += ["", "Decode steps per jitted call (float32, 16 clients): " + ", ".join(
             f"k={f.steps_per_call}: {f.tok_s:.1f} tok/s, first token p99 {f.ttft_p99_s:.2f} s"
             for f in ablation) + "."]
+    most = max(f.clients for f in result.figures)
+    lines += ["", f"Where the engine thread's time went at {most} clients, and what the same "
+              "decode call reaches alone (its ceiling: the most rows measured, at each filled "
+              "length):", "",
+              "| cache | wall (s) | prefill (s) | decode (s) | hand-out (s) | ms per decode step "
+              "| live / computed rows per call | served tok/s | ceiling tok/s "
+              + " / ".join(str(n) for n in CEILING_FILLED) + " filled | served / ceiling |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for cache in CACHE_KINDS:
+        f, e = result.figure(cache, most), result.figure(cache, most).engine
+        rows = max(c.rows for c in result.ceilings if c.cache == cache)
+        top = [result.ceiling(cache, rows, n).tok_s for n in CEILING_FILLED]
+        calls = max(1.0, e["steps"])
+        lines.append(
+            f"| {cache} | {f.wall_s:.1f} | {e['prefill_s']:.1f} | {e['step_s']:.1f} | "
+            f"{e['hand_out_s']:.1f} | {e['step_s'] / (calls * k) * 1e3:.0f} | "
+            f"{e['rows_live'] / calls:.1f} / {e['rows_computed'] / calls:.1f} | {f.tok_s:.1f} | "
+            f"{rows} rows: " + " / ".join(f"{t:.1f}" for t in top) + " | "
+            + " / ".join(f"{f.tok_s / t:.0%}" for t in top) + " |")
     lines += ["", "Prefill share: of the engine thread's prefill and decode time, the part spent "
               "prefilling. Rows used: of the rows the decode calls computed, the part that held a "
               "request.", "", f"Decode calls alone ({k} steps each, nothing else running): "

@@ -61,6 +61,9 @@ def test_the_record_reads_back_into_its_table(tmp_path):
     assert "k=1: 100.0 tok/s" in text and "k=4: 640.0 tok/s" in text and "k=8: 90.0" in text
     assert "| 800 / 0 |" not in text and "| 0 / 0 | 25% | 75% |" in text  # 1 of 1+3 s; 60/80
     assert "| tq3 | 8 | 80.0 | 40.0 |" in text  # 8 rows / 0.1 s; / 0.2 s at 480 filled
+    # 3 s over 10 calls of 4 steps; 6 of 8 rows live; 640 tok/s against 80 and 40 at 8 rows
+    assert "| tq3 | 10.0 | 1.0 | 3.0 | 0.1 | 75 | 6.0 / 8.0 | 640.0 | 8 rows: 80.0 / 40.0 " \
+           "| 800% / 1600% |" in text
     assert back.steps_per_call == 4  # the k every cache ran, not the ablation's largest
     assert bench_serve.plot(back, tmp_path / "serve.png").stat().st_size > 0
     summary = bench_serve.summary(back)
