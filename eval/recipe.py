@@ -35,6 +35,7 @@ ARMS: dict[str, dict[str, float | str]] = {
     "muon lr 0.05": {"optimizer": "muon", "muon_lr": 0.05},
     "muon + dropout 0.1": {"optimizer": "muon", "model.dropout": 0.1},
     "adamw + dropout 0.1": {"model.dropout": 0.1},
+    "adamw + weight decay 0.3": {"weight_decay": 0.3},
 }
 
 
