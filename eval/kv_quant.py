@@ -124,7 +124,7 @@ def queries_and_keys(params, config: GPTConfig, tokens_BT):
     out = []
     for i in range(config.n_layer):
         layer = params["h"][str(i)]
-        h = Norm(config).apply({"params": layer["ln_1"]}, x) if config.norm_placement == "pre" \
+        h = Norm(config).apply({"params": layer["ln_1"]}, x) if config.norms_sublayer_inputs \
             else x
         c_attn = layer["attn"]["c_attn"]
         qkv = h @ c_attn["kernel"] + c_attn.get("bias", 0.0)

@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 POS_EMBEDDINGS = ("learned", "sinusoidal", "rope")
-NORM_PLACEMENTS = ("pre", "post", "deepnorm")
+NORM_PLACEMENTS = ("pre", "post", "deepnorm", "double")
 NORMS = ("layernorm", "rmsnorm")
 DTYPES = ("float32", "bfloat16", "float16")
 # masked: the einsum + masked softmax of attention.masked_attention (CPU-tuned, dropout-capable);
@@ -43,7 +43,9 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in every Linear and LayerNorm (GPT-2: True)
     pos_embedding: str = "learned"  # learned (wpe) | sinusoidal | rope
-    norm_placement: str = "pre"  # pre (GPT-2) | post (Vaswani) | deepnorm (Wang et al. 2022)
+    # pre (GPT-2) | post (Vaswani) | deepnorm (Wang et al. 2022) | double (a norm on each
+    # sublayer's input and output: Sandwich-LN, Peri-LN)
+    norm_placement: str = "pre"
     norm: str = "layernorm"  # layernorm | rmsnorm
     tie_embeddings: bool = True  # lm_head shares wte
     rope_base: float = 10000.0
@@ -111,6 +113,12 @@ class GPTConfig:
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def norms_sublayer_inputs(self) -> bool:
+        """True where each sublayer reads Norm(x) from the residual stream (pre-LN, Double
+        Norm), so the stream itself is never normalized and `ln_f` ends the blocks."""
+        return self.norm_placement in ("pre", "double")
 
     @property
     def gpt2_compatible(self) -> bool:

@@ -5,8 +5,9 @@ Param tree (paths are Hugging Face GPT-2's names, layer i under `h/i`, as `h.i.`
     wte/embedding [V, D]             wpe/embedding [block_size, D]   (learned positions only)
     h/0/ln_1/{scale,bias} [D]        h/0/attn/c_attn/{kernel [D, 3D], bias [3D]}
     h/0/attn/c_proj/...              h/0/ln_2/...    h/0/mlp/c_fc/...    h/0/mlp/c_proj/...
+    h/0/ln_1_out/...  h/0/ln_2_out/...    (Double Norm only: the sublayers' output norms)
     h/1/...  ...  h/{L-1}/...
-    ln_f/{scale,bias} [D]            (pre-LN only)   lm_head [D, V]  (untied only)
+    ln_f/{scale,bias} [D]            (pre-LN, Double Norm)   lm_head [D, V]  (untied only)
 
 Kernels are (in, out), the layout of Hugging Face's Conv1D: loading GPT-2 is a rename.
 """
@@ -160,6 +161,10 @@ class Block(nn.Module):
             h, cache = attn(ln_1(x), positions_BT, layer, cache)
             x = x + h
             x = x + mlp(ln_2(x))
+        elif c.norm_placement == "double":  # and its output, before the residual add
+            h, cache = attn(ln_1(x), positions_BT, layer, cache)
+            x = x + Norm(c, name="ln_1_out")(h)
+            x = x + Norm(c, name="ln_2_out")(mlp(ln_2(x)))
         else:  # post-LN normalizes after each residual add; DeepNorm up-weights the residual
             alpha = deepnorm_constants(c.n_layer)[0] if c.norm_placement == "deepnorm" else 1.0
             h, cache = attn(x, positions_BT, layer, cache)
@@ -221,7 +226,7 @@ class GPT(nn.Module):
 
         if logits_at_BK is not None:  # decoding needs one position per row, not all T x V
             x = jnp.take_along_axis(x, logits_at_BK[:, :, None], axis=1)
-        if c.norm_placement == "pre":
+        if c.norms_sublayer_inputs:  # post-LN and DeepNorm end on a norm already
             x = Norm(c, name="ln_f")(x)
         if cache is not None:
             cache = cache.advance(T)

@@ -21,7 +21,7 @@ import dataclasses
 import jax
 
 ROLES = ("embedding", "kernel", "bias", "norm", "head")
-NORM_MODULES = ("ln_1", "ln_2", "ln_f")
+NORM_MODULES = ("ln_1", "ln_2", "ln_1_out", "ln_2_out", "ln_f")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,10 +32,11 @@ CALIBRATION_TOKENS = 512
 def calibrate(params, config: GPTConfig, tokens_BT) -> dict:
     """Per-channel max |input| of `c_attn` and `c_fc` in every layer over `tokens_BT`:
     {"c_attn": [L, D], "c_fc": [L, D]} (what `int8.smooth` needs)."""
-    if config.norm_placement != "pre":
+    if not config.norms_sublayer_inputs:
         raise ValueError(
             f"SmoothQuant folds its factors into the norm before c_attn and c_fc, which only "
-            f"pre-LN has; norm_placement={config.norm_placement!r}: quantize without --smooth")
+            f"pre-LN and Double Norm have; norm_placement={config.norm_placement!r}: quantize "
+            f"without --smooth")
     from gpt2jax.model import check_tokens
 
     tokens_BT = jnp.asarray(tokens_BT, jnp.int32)

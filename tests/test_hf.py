@@ -114,11 +114,14 @@ def test_unsupported_hf_config(tmp_path):
         hf.load(tmp_path)
 
 
-def test_export_refuses_configs_gpt2_cannot_express(tmp_path):
-    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16,
-                       pos_embedding="rope")
+@pytest.mark.parametrize("changes,named", [
+    ({"pos_embedding": "rope"}, "pos_embedding='rope'"),
+    ({"norm_placement": "double"}, "norm_placement='double'"),  # GPT-2 has no output norms
+])
+def test_export_refuses_configs_gpt2_cannot_express(tmp_path, changes, named):
+    config = GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=16, **changes)
     params = gpt2jax.init_params(config, jax.random.key(0))
-    with pytest.raises(ValueError, match="pos_embedding='rope'"):
+    with pytest.raises(ValueError, match=named):
         hf.save(config, params, tmp_path)
     assert not any(tmp_path.iterdir()), "nothing may be written for a refused export"
 

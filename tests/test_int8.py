@@ -26,8 +26,13 @@ def _is_q(x):
     return isinstance(x, int8.QTensor)
 
 
+@pytest.mark.parametrize("placement", ["pre", "double"])  # double: 4 norms per layer to skip
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])
-def test_error_within_half_a_step_and_skipped_leaves_untouched(small_params, granularity):
+def test_error_within_half_a_step_and_skipped_leaves_untouched(small_params, granularity,
+                                                               placement):
+    if placement != "pre":
+        small_params = gpt2jax.init_params(SMALL.replace(norm_placement=placement),
+                                           jax.random.key(0))
     q = int8.quantize(small_params, granularity=granularity)
     flat_p = dict(jax.tree_util.tree_leaves_with_path(small_params))
     flat_q = dict(jax.tree_util.tree_leaves_with_path(q, is_leaf=_is_q))
@@ -246,31 +251,33 @@ def test_w8a8_per_token_scale_of_an_all_zero_row():
     assert np.all(np.asarray(y)[[0, 2]] == 0) and np.any(np.asarray(y)[1] != 0)
 
 
-def _outlier_model():
-    """SMALL with trained-looking norms: two LayerNorm channels ~40x the rest, as GPT-2's
-    LayerNorm outputs have (LLM.int8, arXiv:2208.07339 §3)."""
-    params = gpt2jax.init_params(SMALL, jax.random.key(3))
+def _outlier_model(config=SMALL):
+    """A model with trained-looking input norms: two LayerNorm channels ~40x the rest, as
+    GPT-2's LayerNorm outputs have (LLM.int8, arXiv:2208.07339 §3)."""
+    params = gpt2jax.init_params(config, jax.random.key(3))
     gamma = jnp.ones(SMALL.n_embd).at[jnp.array([7, 41])].set(40.0)
     layers = {i: {**h, "ln_1": {**h["ln_1"], "scale": gamma}, "ln_2": {**h["ln_2"], "scale": gamma}}
               for i, h in params["h"].items()}
     return {**params, "h": layers}
 
 
-def test_smoothing_is_exact_in_float_and_helps_w8a8():
+@pytest.mark.parametrize("placement", ["pre", "double"])  # both normalize each sublayer's input
+def test_smoothing_is_exact_in_float_and_helps_w8a8(placement):
     from gpt2jax.quantize import calibrate, smoothquant
 
-    params = _outlier_model()
-    tokens = jax.random.randint(jax.random.key(4), (2, 32), 0, SMALL.vocab_size)
-    absmax = calibrate(params, SMALL, tokens)
-    chex.assert_shape([absmax["c_attn"], absmax["c_fc"]], (SMALL.n_layer, SMALL.n_embd))
+    config = SMALL.replace(norm_placement=placement)
+    params = _outlier_model(config)
+    tokens = jax.random.randint(jax.random.key(4), (2, 32), 0, config.vocab_size)
+    absmax = calibrate(params, config, tokens)
+    chex.assert_shape([absmax["c_attn"], absmax["c_fc"]], (config.n_layer, config.n_embd))
     assert float(absmax["c_attn"][:, 7].min()) > 10 * float(jnp.median(absmax["c_attn"]))
-    smoothed = smoothquant(params, SMALL, np.asarray(tokens).ravel(), alpha=0.5)
-    ref, _ = gpt2jax.forward(params, tokens, SMALL)
-    out, _ = gpt2jax.forward(smoothed, tokens, SMALL)
+    smoothed = smoothquant(params, config, np.asarray(tokens).ravel(), alpha=0.5)
+    ref, _ = gpt2jax.forward(params, tokens, config)
+    out, _ = gpt2jax.forward(smoothed, tokens, config)
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * float(jnp.abs(ref).max()))
 
     def err(tree):
-        logits, _ = gpt2jax.forward(int8.quantize(tree, mode="w8a8"), tokens, SMALL)
+        logits, _ = gpt2jax.forward(int8.quantize(tree, mode="w8a8"), tokens, config)
         return float(jnp.linalg.norm(logits - ref) / jnp.linalg.norm(ref))
 
     assert err(smoothed) < 0.7 * err(params)  # measured 0.51: c_proj and the head stay as they were

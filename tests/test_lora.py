@@ -76,13 +76,22 @@ def test_trainable_count_matches_the_lora_formula():
 
 @pytest.mark.parametrize("rslora", [False, True])
 def test_merge_equals_adapters_and_unmerge_restores(base_params, rslora):
-    adapters = _randomize_b(lora.init(lora.LoRAConfig(8, 16, ALL_TARGETS, rslora=rslora), BASE,
+    _check_merge(BASE, base_params, rslora)
+
+
+def test_merge_on_double_norm_rmsnorm():
+    config = BASE.replace(norm_placement="double", norm="rmsnorm")
+    _check_merge(config, gpt2jax.init_params(config, jax.random.key(0)), rslora=True)
+
+
+def _check_merge(config, base_params, rslora):
+    adapters = _randomize_b(lora.init(lora.LoRAConfig(8, 16, ALL_TARGETS, rslora=rslora), config,
                                       jax.random.key(3)))
     tokens = _tokens()
-    unmerged, _ = gpt2jax.forward(base_params, tokens, BASE, lora=adapters)
-    base, _ = gpt2jax.forward(base_params, tokens, BASE)
+    unmerged, _ = gpt2jax.forward(base_params, tokens, config, lora=adapters)
+    base, _ = gpt2jax.forward(base_params, tokens, config)
     merged_params = lora.merge(base_params, adapters)
-    merged, _ = gpt2jax.forward(merged_params, tokens, BASE)
+    merged, _ = gpt2jax.forward(merged_params, tokens, config)
     assert not np.allclose(unmerged, base, atol=1e-3)  # the adapters do something
     scale = float(jnp.abs(unmerged).max())
     np.testing.assert_allclose(merged, unmerged, atol=1e-5 * scale, rtol=0)

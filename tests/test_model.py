@@ -20,7 +20,7 @@ TINY = dict(vocab_size=97, block_size=16, n_layer=2, n_head=2, n_embd=32)
 def pairwise(*factors) -> list[tuple]:
     """Combinations of the factors' values in which every pair of values of any two factors
     occurs at least once (greedy, deterministic): the full product's interactions between two
-    switches at a quarter of its compiles (9 of 36 here)."""
+    switches at a quarter of its compiles (12 of 48 here)."""
     rows, product = [], list(itertools.product(*factors))
     pairs = lambda row: {(i, row[i], j, row[j])
                          for i, j in itertools.combinations(range(len(row)), 2)}
@@ -45,7 +45,8 @@ def test_every_variant_forward_backward_and_causal(pos, placement, norm, tied):
     params, perturbations = variables["params"], variables["perturbations"]
     assert ("wpe" in params) == (pos == "learned")
     assert ("lm_head" in params) == (not tied)
-    assert ("ln_f" in params) == (placement == "pre")
+    assert ("ln_f" in params) == (placement in ("pre", "double"))
+    assert ("ln_2_out" in params["h"]["0"]) == (placement == "double")
 
     probe_positions = (0, T // 2)
 

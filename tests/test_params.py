@@ -39,6 +39,7 @@ def _roles_from_the_modules(config: GPTConfig) -> dict[str, str]:
 @pytest.mark.parametrize("changes", [
     {}, {"tie_embeddings": False}, {"pos_embedding": "rope", "norm": "rmsnorm"},
     {"bias": False, "norm_placement": "post"}, {"norm_placement": "deepnorm"},
+    {"norm_placement": "double", "norm": "rmsnorm"},
 ])
 def test_the_rule_agrees_with_the_modules(changes):
     config = GPTConfig(**TINY, **changes)

@@ -1,5 +1,5 @@
 """Data-parallel and FSDP training over 4 simulated CPU devices give the single-device
-losses (AdamW and Muon); FSDP really splits the state."""
+losses (AdamW, Muon, Double Norm); FSDP really splits the state."""
 
 from __future__ import annotations
 
@@ -24,11 +24,14 @@ CHILD = textwrap.dedent("""
 
     base = TrainConfig.from_dict(json.loads(sys.argv[1]))
     losses = {}
-    for name, mesh, fsdp, optimizer in (
-            ("single", 1, False, "adamw"), ("data", 4, False, "adamw"), ("fsdp", 4, True, "adamw"),
-            ("single-muon", 1, False, "muon"), ("fsdp-muon", 4, True, "muon")):
+    for name, mesh, fsdp, optimizer, placement in (
+            ("single", 1, False, "adamw", "pre"), ("data", 4, False, "adamw", "pre"),
+            ("fsdp", 4, True, "adamw", "pre"), ("single-muon", 1, False, "muon", "pre"),
+            ("fsdp-muon", 4, True, "muon", "pre"), ("single-double", 1, False, "adamw", "double"),
+            ("fsdp-double", 4, True, "adamw", "double")):
         cfg = base.replace(out=base.out + "-" + name, mesh_data=mesh, fsdp=fsdp,
-                           optimizer=optimizer)
+                           optimizer=optimizer,
+                           model=base.model.replace(norm_placement=placement))
         losses[name] = train(cfg, progress=False).losses
     mesh = sharding.make_mesh(4)
     opt = optim.make_optimizer(weight_decay=0.1)
@@ -59,6 +62,10 @@ def test_data_parallel_and_fsdp_match_single_device(tmp_path):
     muon = result["losses"]["single-muon"]
     assert muon != single and muon[-1] < muon[0]
     assert result["losses"]["fsdp-muon"] == pytest.approx(muon, abs=1e-5)
+    # Double Norm's output norms are sharded like the others
+    double = result["losses"]["single-double"]
+    assert double != single and double[-1] < double[0]
+    assert result["losses"]["fsdp-double"] == pytest.approx(double, abs=1e-5)
     assert result["split_fraction"] > 0.99  # FSDP leaves only scalars replicated
 
 
