@@ -26,6 +26,8 @@ from eval import verdicts as rules
 from eval.bench_decode import DecodeResult
 from eval.bench_serve import ServeResult
 from eval.common import README, RESULTS, read_record, write_readme_block
+from eval.decode_growth import GrowthResult
+from eval.decode_growth import table as growth_table
 from eval.verdicts import Verdict, fmt_seeds, per_seed
 
 
@@ -304,24 +306,41 @@ def render_kv(results: dict[str, dict | DecodeResult]) -> Section:
     table = _md_table(["tokens", "cache speed-up (gpt2jax)", "cache speed-up (HF)",
                        "cache bytes: measured = formula"], speed_rows)
     table += "\n\n" + q["table"]
+    g: GrowthResult = results["decode_growth.json"]
+    table += "\n\nPer generated token against the sequence's length (`eval.decode_growth`):\n\n"
+    table += growth_table(g)
     speedups = [d.speedup("gpt2jax", 1, L) for L in lengths]
     exact = all(size.arrays == size.formula for size in d.float32_cache_bytes)
-    verdict = rules.kv_cache(speedups, exact, q["rows"])
+    growth = (g.fit("cache"), g.fit("nocache"))
+    verdict = rules.kv_cache(speedups, exact, q["rows"], growth)
     lo, hi = rules.CACHE_SPEEDUP_BAND
+    in_band = [c.length for c in g.cells if lo <= g.speedup(c.length) <= hi]
     why = (f"The float cache makes batch-1 decoding {speedups[0]:.1f}× (at {lengths[0]} "
            f"tokens) to {speedups[-1]:.1f}× (at {lengths[-1]}) faster than recomputing, "
            f"against \"around 2×\" ({lo}–{hi}×): {verdict.parts['around 2× faster']}; its "
-           f"bytes {'equal' if exact else 'differ from'} the formula's. "
+           f"bytes {'equal' if exact else 'differ from'} the formula's. Per generated token, "
+           f"the T-term of the fitted a + b·T is {100 * growth[0].share:.0f}% of the time at "
+           f"T = {growth[0].longest} with the cache and {100 * growth[1].share:.0f}% "
+           f"recomputing: O(T²) → O(T) {verdict.parts['O(T²) → O(T)']}. The article's "
+           f"{g.example.length}-token example runs {g.example.speedup:.2f}× faster with the "
+           f"cache; the per-token speed-up is in the {lo}–{hi}× band at "
+           + (f"T = {', '.join(map(str, in_band))}. " if in_band else "no length measured. ")
            + q["verdict"]["summary"])
     how = (f"Decode speed with and without the cache, {d.preset} shape, against Hugging "
-           f"Face in the same run (`eval.bench_decode`); TurboQuant caches on a model trained "
+           f"Face in the same run (`eval.bench_decode`); the time per generated token against "
+           f"the sequence's length, with and without the cache, fitted as a + b·T, and the "
+           f"article's 15-token example run as written (`eval.decode_growth`); TurboQuant "
+           f"caches on a model trained "
            f"on Tiny Shakespeare (`{q['command']}`), run as the paper runs them (exact "
            f"prefill, codes stored, each decoded token exact to itself): val loss scored token "
            f"by token through the quantized cache, greedy agreement with the float cache, "
            f"attention-score error, and bytes from the arrays.")
     three = q["rows"][rules.TQ_SETTING]
     brief = (f"cache {speedups[0]:.1f}× ({lengths[0]} tokens) to {speedups[-1]:.1f}× "
-             f"({lengths[-1]}) faster at batch 1, bytes {'=' if exact else '≠'} formula; "
+             f"({lengths[-1]}) faster at batch 1 ({g.example.speedup:.1f}× for the article's "
+             f"{g.example.length} tokens), per-token time {100 * growth[0].share:.0f}% grown "
+             f"by T = {growth[0].longest} with the cache and {100 * growth[1].share:.0f}% "
+             f"without, bytes {'=' if exact else '≠'} formula; "
              f"{rules.TQ_SETTING} {three['compression_vs_fp16']:.2f}× smaller than fp16 (norms "
              f"counted), {three['delta_loss_pct']:+.2f}% loss, "
              f"{100 * three['greedy_match']:.0f}% greedy tokens equal")
@@ -420,7 +439,8 @@ CLAIMS = (
           "The KV cache turns per-token recomputation into a lookup (\"around 2× overall\") "
           "at a memory cost of 2 × layers × sequence × dimension; TurboQuant shrinks that "
           "memory 5–6× at about 3 bits per value \"with zero accuracy loss\".",
-          (("eval.bench_decode", "bench_decode.json"), ("eval.kv_quant", "kv_quant.json")),
+          (("eval.bench_decode", "bench_decode.json"), ("eval.kv_quant", "kv_quant.json"),
+           ("eval.decode_growth", "decode_growth.json")),
           render_kv, checks=(("eval.bench_serve", "bench_serve.json"),)),
     Claim("6. INT8 weights, norms skipped",
           "LayerNorm is left in full precision when the weights go to INT8, because "
@@ -442,7 +462,7 @@ def _argv(module: str, json_name: str, quick: bool, out: Path, work: Path,
     argv = ["--quick"] if quick else []
     if seeds and module in TRAINS:
         argv += ["--seeds", str(seeds)]
-    if module == "eval.bench_decode":
+    if module in ("eval.bench_decode", "eval.decode_growth"):
         return argv + ["--json", str(out / json_name)]
     if module == "eval.quantization":  # quick: kv_quant's toy model, no second training
         model = json.loads((out / "kv_quant.json").read_text())["checkpoint"] if quick else None
@@ -472,7 +492,8 @@ def run_experiments(quick: bool, out: Path, work: Path, rerun: bool,
     return seconds
 
 
-RECORDS = {"bench_decode.json": DecodeResult, "bench_serve.json": ServeResult}  # typed records
+RECORDS = {"bench_decode.json": DecodeResult, "bench_serve.json": ServeResult,
+           "decode_growth.json": GrowthResult}  # typed records
 
 
 def _load(path: Path) -> dict | DecodeResult:

@@ -267,16 +267,57 @@ def turboquant(rows: Mapping[str, Mapping]) -> Verdict:
     })
 
 
+GROWTH_SHARE = 0.5  # per-token time "grows with T" when its T-term is half of it or more
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearGrowth:
+    """Per-token time ≈ fixed_s + per_token_s · T, fitted over lengths up to `longest`."""
+    fixed_s: float
+    per_token_s: float
+    longest: int
+
+    @property
+    def share(self) -> float:
+        """The T-term's share of the per-token time at the longest length."""
+        grown = self.per_token_s * self.longest
+        return grown / (self.fixed_s + grown)
+
+
+def linear_growth(lengths: Sequence[int], seconds: Sequence[float]) -> LinearGrowth:
+    """Least-squares a + b·T through (length, per-token seconds); a and b clipped at 0 (a cost
+    cannot be negative: noise on a flat line can tilt it)."""
+    if len(lengths) < 2 or len(lengths) != len(seconds):
+        raise ValueError(f"a line needs >= 2 (length, seconds) pairs, got {len(lengths)} lengths "
+                         f"and {len(seconds)} times")
+    if not all(math.isfinite(t) and t > 0 for t in seconds):
+        raise ValueError(f"per-token times {list(seconds)} must be finite and > 0 (NaN: the "
+                         f"timer's noise beat the difference; measure with more rounds)")
+    b, a = np.polyfit(np.asarray(lengths, np.float64), np.asarray(seconds, np.float64), 1)
+    return LinearGrowth(max(float(a), 0.0), max(float(b), 0.0), int(max(lengths)))
+
+
+def decode_growth(cache: LinearGrowth, recompute: LinearGrowth) -> str:
+    """"The cache turns O(T²) into O(T)": a flat per-token time (T-term under GROWTH_SHARE at
+    the longest length: the total is linear) with the cache, and a growing one (at least
+    GROWTH_SHARE: the total is quadratic) when recomputing."""
+    return _holds(cache.share < GROWTH_SHARE <= recompute.share)
+
+
 def kv_cache(speedups: Sequence[float], bytes_match_formula: bool,
-             tq_rows: Mapping[str, Mapping]) -> Verdict:
+             tq_rows: Mapping[str, Mapping],
+             growth: tuple[LinearGrowth, LinearGrowth] | None = None) -> Verdict:
     """Cache-vs-recompute decode speed-ups (batch 1, every length measured), whether the
-    cache's bytes equal 2·layers·T·d·bytes, and kv_quant's rows. "Around 2×" holds when every
-    speed-up is in the band; the article understates speed-ups all above it (overstates all
-    below); a spread across the band holds in part."""
+    cache's bytes equal 2·layers·T·d·bytes, kv_quant's rows, and (when measured) the
+    per-token time's growth (cache, recompute) for `decode_growth`. "Around 2×" holds when
+    every speed-up is in the band; the article understates speed-ups all above it (overstates
+    all below); a spread across the band holds in part."""
     sides = {in_band(s, *CACHE_SPEEDUP_BAND) for s in speedups}
     speed = sides.pop() if len(sides) == 1 else PART
-    return combine({"around 2× faster": speed, "memory 2·L·T·d": _holds(bytes_match_formula),
-                    **turboquant(tq_rows).parts})
+    parts = {"around 2× faster": speed, "memory 2·L·T·d": _holds(bytes_match_formula)}
+    if growth is not None:
+        parts["O(T²) → O(T)"] = decode_growth(*growth)
+    return combine({**parts, **turboquant(tq_rows).parts})
 
 
 # ---------------------------------------------------------------------------- 6. int8 norms
@@ -329,8 +370,11 @@ RULES = {
               f"least {NORMS_MIN_PARTS}"),
     "kv": (f"holds if every batch-1 cache speed-up is {CACHE_SPEEDUP_BAND[0]}–"
            f"{CACHE_SPEEDUP_BAND[1]}× (all above: understates), the cache bytes equal the "
-           f"formula, and {TQ_SETTING} is {TQ_COMPRESSION_MIN:g}–{TQ_COMPRESSION_MAX:g}× "
-           f"smaller than float16 with norms counted, within {ZERO_LOSS_PCT}% loss and "
+           f"formula, the per-token time fitted as a + b·T has its T-term under "
+           f"{GROWTH_SHARE:g} of it at the longest length with the cache and at least that "
+           f"recomputing (total O(T) against O(T²)), and {TQ_SETTING} is "
+           f"{TQ_COMPRESSION_MIN:g}–{TQ_COMPRESSION_MAX:g}× smaller than float16 with norms "
+           f"counted, within {ZERO_LOSS_PCT}% loss and "
            f"{100 * ZERO_LOSS_GREEDY:.0f}% greedy agreement; in part if some parts hold"),
     "int8": (f"holds if the norms' int8 saving is under {NORM_SAVING_MAX_PCT}% of the int8 "
              f"model's bytes and quantizing them to int8 (one scale per γ and per β vector) "

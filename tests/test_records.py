@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 from conftest import REPO
 
-from eval import bench_decode, bench_kvcache, bench_train, common, compare_commits
+from eval import bench_decode, bench_kvcache, bench_train, common, compare_commits, decode_growth
 from eval.common import RESULTS, read_record, write_record
 
 COMMITTED = {
@@ -19,6 +19,7 @@ COMMITTED = {
     "bench_train.json": bench_train.TrainResult,
     "compare_commits.json": compare_commits.CompareResult,
     "compare_commits_b8_L256.json": compare_commits.CompareResult,
+    "decode_growth.json": decode_growth.GrowthResult,
 }
 
 

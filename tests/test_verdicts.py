@@ -149,6 +149,54 @@ def test_norms_rule_compares_where_the_regime_search_found_every_placement_train
     assert part({}) == FAILS  # the search found no setting where every placement trains
 
 
+def test_norms_rule_parts_kill_the_comparison_mutants():
+    long = {"pre": _losses(5.2), "post": _losses(5.0), "deepnorm": _losses(5.1)}
+    # nothing fails anywhere: equal shares are neither "unstable" nor "fixed" ('>' vs '>=',
+    # '<' vs '<=' in the two shares' comparisons)
+    assert v.norms(_grid(True, True, True), long).parts == {
+        "pre-LN trains without warmup": HOLDS, "post-LN is unstable": FAILS,
+        "post-LN can end better": HOLDS, "DeepNorm fixes post-LN": FAILS}
+    # DeepNorm fails less in the grid but not in the long runs: not fixed
+    stalled = {**long, "deepnorm": _losses(v.UNIGRAM_LOSS)}
+    assert v.norms(_grid(True, False, True), stalled).parts == {
+        "pre-LN trains without warmup": HOLDS, "post-LN is unstable": HOLDS,
+        "post-LN can end better": HOLDS, "DeepNorm fixes post-LN": FAILS}
+
+
+@pytest.mark.parametrize("loss, expected", [
+    (v.UNIGRAM_LOSS - 1e-9, True), (v.UNIGRAM_LOSS, False), (None, False),
+    (math.inf, False), (math.nan, False)])
+def test_trained_means_finite_and_strictly_below_the_unigram_loss(loss, expected):
+    assert v.trained(loss) is expected
+
+
+@pytest.mark.parametrize("small, xl, parts", [
+    (25.0, 0.49, (HOLDS, HOLDS)), (35.0, 0.49, (HOLDS, HOLDS)),  # the band's ends are inside
+    (24.99, 0.5, (OVERSTATES, UNDERSTATES)), (35.01, 0.5, (UNDERSTATES, UNDERSTATES))])
+def test_tying_rule_at_its_band_edges(small, xl, parts):
+    assert tuple(v.tying(small, xl).parts.values()) == parts
+
+
+@pytest.mark.parametrize("delta_pct, greedy, expected", [
+    (v.ZERO_LOSS_PCT - 1e-9, v.ZERO_LOSS_GREEDY, True), (v.ZERO_LOSS_PCT, 1.0, False),
+    (0.0, v.ZERO_LOSS_GREEDY - 1e-9, False)])
+def test_zero_loss_at_its_two_boundaries(delta_pct, greedy, expected):
+    assert v.lossless({"delta_loss_pct": delta_pct, "greedy_match": greedy}) is expected
+
+
+def test_turboquant_rule_reads_only_its_setting_and_int8_saving_boundary():
+    assert v.TQ_SETTING == "tq3-mse"
+    rows = {**_tq(5.5), "tq4-mse": {"compression_vs_fp16": 4.0, "delta_loss_pct": 5.0,
+                                    "greedy_match": 0.5}}
+    assert v.turboquant(rows).outcome == HOLDS
+    edges = {ratio: v.turboquant(_tq(ratio)).parts["5–6× smaller at 3 bits"]
+             for ratio in (4.999, 5.0, 6.0, 6.001)}
+    assert edges == {4.999: OVERSTATES, 5.0: HOLDS, 6.0: HOLDS, 6.001: UNDERSTATES}
+    saving = lambda saved: v.int8_norms(saved, 100_000, [0.0], {"norms int8": [0.5]}).parts[
+        "quantizing norms saves almost nothing"]
+    assert (saving(999), saving(1_000)) == (HOLDS, FAILS)  # under 1% of the int8 bytes
+
+
 def _tq(ratio, delta_pct=0.01, greedy=1.0):
     return {v.TQ_SETTING: {"compression_vs_fp16": ratio, "delta_loss_pct": delta_pct,
                            "greedy_match": greedy}}
@@ -174,6 +222,44 @@ def test_turboquant_rule_counts_five_to_six_times_with_norms():
 def test_kv_cache_rule(speedups, exact, tq, expected, speed):
     verdict = v.kv_cache(speedups, exact, tq)
     assert (verdict.outcome, verdict.parts["around 2× faster"]) == (expected, speed)
+
+
+def test_linear_growth_recovers_a_line_and_clips_a_negative_tilt():
+    fit = v.linear_growth([15, 64, 256, 1024], [0.02 + 1e-5 * T for T in (15, 64, 256, 1024)])
+    assert (fit.fixed_s, fit.per_token_s, fit.longest) == pytest.approx((0.02, 1e-5, 1024))
+    assert fit.share == pytest.approx(1e-5 * 1024 / (0.02 + 1e-5 * 1024))
+    falling = v.linear_growth([15, 1024], [0.021, 0.020])  # noise on a flat line
+    assert falling.per_token_s == 0.0 and falling.share == 0.0
+    with pytest.raises(ValueError, match="got 1 lengths"):
+        v.linear_growth([15], [0.02])
+    with pytest.raises(ValueError, match=r"\[0.02, nan\] must be finite"):
+        v.linear_growth([15, 32], [0.02, math.nan])
+
+
+def _growth(share: float, longest: int = 1000) -> v.LinearGrowth:
+    """A fit whose T-term is `share` of the per-token time at `longest`."""
+    return v.LinearGrowth(1.0 - share, share / longest, longest)
+
+
+@pytest.mark.parametrize("cache, recompute, expected", [
+    (0.1, 0.9, HOLDS),
+    (0.499, 0.5, HOLDS),  # both boundaries: flat is < GROWTH_SHARE, growing is >= it
+    (0.5, 0.9, FAILS),  # the cache's per-token time grows as much as it may not
+    (0.1, 0.499, FAILS),  # recomputing's does not grow enough to call the total quadratic
+])
+def test_decode_growth_rule_at_its_boundaries(cache, recompute, expected):
+    assert v.GROWTH_SHARE == 0.5
+    assert _growth(cache).share == pytest.approx(cache)
+    assert v.decode_growth(_growth(cache), _growth(recompute)) == expected
+
+
+def test_kv_cache_rule_takes_the_growth_part_only_where_measured():
+    without = v.kv_cache([1.8, 2.2], True, _tq(5.5))
+    assert "O(T²) → O(T)" not in without.parts and without.outcome == HOLDS
+    flat = v.kv_cache([1.8, 2.2], True, _tq(5.5), growth=(_growth(0.1), _growth(0.9)))
+    assert flat.parts["O(T²) → O(T)"] == HOLDS and flat.outcome == HOLDS
+    grows = v.kv_cache([1.8, 2.2], True, _tq(5.5), growth=(_growth(0.6), _growth(0.9)))
+    assert grows.parts["O(T²) → O(T)"] == FAILS and grows.outcome == PART
 
 
 def test_kv_cache_rule_understates_when_every_figure_is_too_low():
