@@ -64,6 +64,7 @@ def _md_table(header: list[str], rows: list[list]) -> str:
 
 
 PLACEMENTS = ("pre", "post", "deepnorm")
+PLACEMENT_NAMES = {"pre": "pre", "post": "post", "deepnorm": "DeepNorm", "double": "Double Norm"}
 
 
 def _fmt_losses(values: list[float | None], digits: int = 3) -> str:
@@ -179,21 +180,45 @@ def render_tying(results: dict[str, dict]) -> Section:
     return Section(how, _md_table(header, rows), verdict, rules.RULES["tying"], why, brief)
 
 
+def _variant_runs(r: dict, results: dict[str, dict]) -> list[tuple[str, dict, dict]]:
+    """(command, grid, long) of every `eval.norms --placements` run (norms_variant_*.json):
+    at norms.json's settings, with pre-LN trained beside the variants (same code), or refused."""
+    found = []
+    for name in sorted(n for n in results if n.startswith("norms_variant_")):
+        extra = results[name]
+        if extra["train"] != r["train"] or extra["long_steps"] != r["long_steps"]:
+            raise ValueError(f"{name} was trained at other settings than norms.json: rerun "
+                             f"`{extra['command']}` on the same recipe")
+        found.append((extra["command"], *_grid_and_long(extra)))
+    return found
+
+
+def _grid_and_long(r: dict) -> tuple[dict, dict]:
+    """An eval.norms result as `rules.norms` takes it: {placement: {(lr, warmup): per-seed
+    losses}} and {placement: per-seed losses of the long runs}."""
+    grid = {p: {(run["lr"], run["warmup"]): per_seed(run) for run in r["runs"]
+                if run["placement"] == p} for p in r["long_runs"]}
+    return grid, {p: per_seed(row) for p, row in r["long_runs"].items()}
+
+
+def _grid_rows(grid: dict, long: dict, lrs: list[float], long_label: str,
+               placements) -> list[list]:
+    rows = [[p, warmup, *(_fmt_losses(grid[p][(lr, warmup)]) for lr in lrs)]
+            for p in placements for warmup in sorted({w for _, w in grid[p]})]
+    return rows + [[p, long_label, _fmt_losses(long[p]), *[""] * (len(lrs) - 1)]
+                   for p in placements]
+
+
 def render_norms(results: dict[str, dict]) -> Section:
     r = results["norms.json"]
     v = r["verdict"]
     lrs = sorted({run["lr"] for run in r["runs"]})
-    rows = []
-    for placement in PLACEMENTS:
-        for warmup in sorted({run["warmup"] for run in r["runs"]}):
-            cells = {run["lr"]: _fmt_losses(per_seed(run)) for run in r["runs"]
-                     if (run["placement"], run["warmup"]) == (placement, warmup)}
-            rows.append([placement, warmup, *(cells[lr] for lr in lrs)])
-    long = {p: per_seed(r["long_runs"][p]) for p in PLACEMENTS}
-    rows += [[p, f"50 ({r['long_steps']} steps, lr 1e-3)", _fmt_losses(long[p]),
-              *[""] * (len(lrs) - 1)] for p in PLACEMENTS]
-    grid = {p: {(run["lr"], run["warmup"]): per_seed(run) for run in r["runs"]
-                if run["placement"] == p} for p in PLACEMENTS}
+    long_label = f"50 ({r['long_steps']} steps, lr 1e-3)"
+    grid, long = _grid_and_long(r)
+    variants = _variant_runs(r, results)
+    rows = _grid_rows(grid, long, lrs, long_label, PLACEMENTS)
+    for _, vgrid, vlong in variants:  # pre-LN's own runs there are in the text
+        rows += _grid_rows(vgrid, vlong, lrs, long_label, [p for p in vlong if p != "pre"])
     search = results.get("norms_regime.json")
     regime = None if search is None else {p: arm["val_losses"]
                                           for p, arm in search["arms"].items()}
@@ -214,6 +239,7 @@ def render_norms(results: dict[str, dict]) -> Section:
            f"std 0.02) post-LN's largest gradient is the first layer's instead, "
            f"{v['grad_first_over_rest_gpt2_init']['post']:.1f}× the rest, and the last's "
            f"ratio is {gpt2['post']:.2f}.")
+    why += " " + _tradeoff_text(grid, long, r["train"]["model"]["n_layer"], variants)
     if search is not None:
         why += " " + _regime_text(search)
     for name in sorted(n for n in results if n.startswith("norms_regime_d")):
@@ -238,6 +264,29 @@ def render_norms(results: dict[str, dict]) -> Section:
                   f"{_fmt_losses(arms['post']['val_losses'])}")
     header = ["placement", "warmup steps", *(f"lr {lr:g}" for lr in lrs)]
     return Section(how, _md_table(header, rows), verdict, rules.RULES["norms"], why, brief)
+
+
+def _tradeoff_text(grid: dict, long: dict, depth: int, variants: list) -> str:
+    """Outside the verdict: whether each variant breaks the trade-off
+    (eval.verdicts.breaks_tradeoff), each judged against the pre- (and post-) LN runs of its
+    own run: DeepNorm in norms.json's, the others in their norms_variant_*.json."""
+    def judged(grid, long, p):
+        runs = [x for seeds in grid[p].values() for x in seeds]
+        failed = sum(not rules.trained(x) for x in runs)
+        return (f"{PLACEMENT_NAMES[p]} {rules.breaks_tradeoff(grid, long, p)} ({failed} of "
+                f"{len(runs)} short runs failed; long runs {_fmt_losses(long[p])})")
+
+    found = [judged(grid, long, "deepnorm")]
+    for command, vgrid, vlong in variants:
+        pre_failed = sum(not rules.trained(x) for seeds in vgrid["pre"].values() for x in seeds)
+        found += [judged(vgrid, vlong, p) + f" against `{command}`'s own pre-LN runs "
+                  f"({pre_failed} short runs failed; long runs {_fmt_losses(vlong['pre'])})"
+                  + ("" if "post" in vlong else ", post-LN not rerun there")
+                  for p in vlong if p not in ("pre", "post")]
+    return (f"Outside the verdict, at {depth} layers: does a variant break the trade-off (no "
+            f"more short runs fail than pre-LN's, and the long runs end no higher than the "
+            f"lower of pre and post where they train, by the seed rule)? "
+            + "; ".join(found) + ".")
 
 
 def _regime_text(search: dict) -> str:
@@ -279,7 +328,7 @@ def _layer_grads_text(search: dict) -> str:
     probes = {p: arm["layer_grads"] for p, arm in search["arms"].items() if "layer_grads" in arm}
     if not probes:
         return ""
-    names = {"pre": "pre", "post": "post", "deepnorm": "DeepNorm"}
+    names = PLACEMENT_NAMES
     spreads = []
     for placement, probe in probes.items():
         norms = [max(n) / min(n) for n in probe["norms"]]
@@ -434,7 +483,8 @@ CLAIMS = (
           "Pre-LN trains stably without warmup; post-LN can end at a better loss but is "
           "unstable (its gradients grow toward the output); DeepNorm fixes post-LN.",
           (("eval.norms", "norms.json"), ("eval.norms_regime", "norms_regime.json")),
-          render_norms, checks=(("eval.norms_regime", "norms_regime_d*.json"),)),
+          render_norms, checks=(("eval.norms_regime", "norms_regime_d*.json"),
+                                ("eval.norms", "norms_variant_*.json"))),
     Claim("5. KV cache and TurboQuant",
           "The KV cache turns per-token recomputation into a lookup (\"around 2× overall\") "
           "at a memory cost of 2 × layers × sequence × dimension; TurboQuant shrinks that "

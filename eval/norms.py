@@ -14,11 +14,16 @@ claims both.
 The grid (2) is a search, one seed per cell; the comparison (3) is repeated at --seeds seeds
 (default 3), whose first seed is the grid's run of that setting when the steps match.
 
-Writes norms.json and norms.png.
+--placements P ...: the same experiment for other placements (e.g. `double`, the Sandwich-LN
+/ Peri-LN block), written to norms_variant_P.json beside the claim's; the claims report compares
+them with norms.json's pre- and post-LN runs (does the variant break the trade-off?).
+
+Writes norms.json and norms.png (norms_variant_P.json / .png with --placements).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -26,7 +31,9 @@ import numpy as np
 
 from eval.common import (
     SEEDS,
-    experiment_main,
+    Machine,
+    code_hash,
+    parse_experiment_args,
     save_figure,
     shakespeare_data,
     trailing_mean,
@@ -34,25 +41,32 @@ from eval.common import (
     write_json,
 )
 from eval.verdicts import UNIGRAM_LOSS, per_seed
-from gpt2jax.config import GPTConfig
+from gpt2jax.config import NORM_PLACEMENTS, GPTConfig
 from gpt2jax.model import init_params
 from train import TrainConfig
 from train import data as data_lib
 from train.step import token_losses
 
-PLACEMENTS = ("pre", "post", "deepnorm")
+PLACEMENTS = ("pre", "post", "deepnorm")  # the claim's three: norms.json
+
+
+def result_name(placements: tuple[str, ...]) -> str:
+    if placements == PLACEMENTS:
+        return "norms.json"
+    return f"norms_variant_{'_'.join(placements)}.json"
 LRS = (3e-4, 1e-3, 3e-3)
 LONG = {"lr": 1e-3, "warmup_steps": 50, "steps_factor": 5}
 
 
-def init_grad_norms(depth: int, n_embd: int, tokens: np.ndarray, block: int) -> dict:
+def init_grad_norms(depth: int, n_embd: int, tokens: np.ndarray, block: int,
+                    placements: tuple[str, ...] = PLACEMENTS) -> dict:
     """{init: {placement: [‖∇ block l‖ for l in 0..depth-1]}} at initialisation, one batch
     of 8, for GPT-2's init ("gpt2_init": embeddings std 0.02) and with the embeddings scaled
     to unit std ("unit_embeddings", the input scale of Xiong et al.'s analysis)."""
     x = np.asarray(tokens[: 8 * block], np.int32).reshape(8, block)
     y = np.asarray(tokens[1: 8 * block + 1], np.int32).reshape(8, block)
     out = {"gpt2_init": {}, "unit_embeddings": {}}
-    for placement in PLACEMENTS:
+    for placement in placements:
         config = GPTConfig(n_layer=depth, n_head=4, n_embd=n_embd, block_size=block,
                            norm_placement=placement)
         params = init_params(config, jax.random.key(0))
@@ -91,12 +105,15 @@ def recipe(quick: bool, data: Path) -> TrainConfig:
                        sample_tokens=0, peak_flops=1.0)
 
 
-def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
+def run(quick: bool, out: Path, work: Path, seeds: int = 1,
+        placements: tuple[str, ...] = PLACEMENTS) -> dict:
+    code = code_hash()  # at the start: the runs train this code
     data = shakespeare_data(work)
     train_tokens = np.asarray(data_lib.load_split(data, "train"))
     depths = (2,) if quick else (6, 12)
     width = 32 if quick else 256
-    grads = {d: init_grad_norms(d, width, train_tokens, 16 if quick else 64) for d in depths}
+    grads = {d: init_grad_norms(d, width, train_tokens, 16 if quick else 64, placements)
+             for d in depths}
     for d, by_init in grads.items():
         for init, by in by_init.items():
             for placement, norms in by.items():
@@ -109,7 +126,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
     lrs = (LONG["lr"],) if quick else LRS
     warmups = (long_warmup,) if quick else (0, 50)
     runs = []
-    for placement in PLACEMENTS:
+    for placement in placements:
         for lr in lrs:
             for warmup in warmups:
                 cfg = base.replace(model=base.model.replace(norm_placement=placement), lr=lr,
@@ -121,7 +138,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
                 print(f"{placement:<8} lr {lr:<6g} warmup {warmup:<3d} {outcome}")
     long_runs = {}
     factor = 1 if quick else LONG["steps_factor"]
-    for placement in PLACEMENTS:
+    for placement in placements:
         cfg = base.replace(model=base.model.replace(norm_placement=placement), lr=LONG["lr"],
                            min_lr=LONG["lr"] / 10, warmup_steps=long_warmup,
                            max_steps=base.max_steps * factor)
@@ -133,30 +150,33 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
     strip = lambda r: {k: v for k, v in r.items() if k not in ("config", "train_loss")}
     result = {
         "command": f"python -m eval.norms{' --quick' if quick else ''}"
-                   f"{f' --seeds {seeds}' if seeds != (1 if quick else SEEDS) else ''}",
+                   f"{f' --seeds {seeds}' if seeds != (1 if quick else SEEDS) else ''}"
+                   + ("" if placements == PLACEMENTS else f" --placements {' '.join(placements)}"),
+        "machine": dataclasses.asdict(Machine.current()), "code": code,
         "init_grad_norms": {str(d): v for d, v in grads.items()}, "grad_width": width,
         "train": {k: v for k, v in base.to_dict().items() if k not in ("out", "data")},
         "runs": [strip(r) for r in runs], "long_steps": base.max_steps * factor,
         "long_runs": long_runs, "verdict": verdict(grads, runs, long_runs),
     }
-    write_json(out / "norms.json", result)
-    plot(result, out / "norms.png")
+    path = write_json(out / result_name(placements), result)
+    plot(result, path.with_suffix(".png"))
     return result
 
 
 def verdict(grads: dict, runs: list[dict], long_runs: dict) -> dict:
+    placements = list(long_runs)
     deepest = grads[max(grads)]
-    growth = {init: {p: last_over_rest(by[p]) for p in PLACEMENTS}
+    growth = {init: {p: last_over_rest(by[p]) for p in placements}
               for init, by in deepest.items()}
     first = {p: deepest["gpt2_init"][p][0] / float(np.median(deepest["gpt2_init"][p][1:]))
-             for p in PLACEMENTS}
+             for p in placements}
     best = {}
-    for placement in PLACEMENTS:
+    for placement in placements:
         ok = [r for r in runs if r["placement"] == placement and not r["diverged"]]
         best[placement] = min((r["val_loss"] for r in ok), default=None)
     failed = {p: [f"lr {r['lr']:g} warmup {r['warmup']}" for r in runs
                   if r["placement"] == p and (r["diverged"] or r["val_loss"] > UNIGRAM_LOSS)]
-              for p in PLACEMENTS}
+              for p in placements}
     long_val = {p: None if r["diverged"] else r["val_loss"] for p, r in long_runs.items()}
     return {"grad_last_over_rest_deepest": growth, "grad_first_over_rest_gpt2_init": first,
             "best_val_loss": best,
@@ -200,8 +220,9 @@ def plot(result: dict, path: Path) -> None:
     runs = result["runs"]
     lrs = sorted({r["lr"] for r in runs})
     warmups = sorted({r["warmup"] for r in runs})
-    width = 0.8 / (len(PLACEMENTS) * len(warmups))
-    for i, placement in enumerate(PLACEMENTS):
+    placements = list(result["long_runs"])
+    width = 0.8 / (len(placements) * len(warmups))
+    for i, placement in enumerate(placements):
         for j, warmup in enumerate(warmups):
             xs, hs = [], []
             for k, lr in enumerate(lrs):
@@ -225,8 +246,17 @@ def plot(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-main = experiment_main("python -m eval.norms", __doc__,
-                       "depth 2, one lr, 6 and 12 steps", run)
+def main(argv=None) -> None:
+    def more(p):
+        p.add_argument("--placements", nargs="+", choices=NORM_PLACEMENTS,
+                       default=list(PLACEMENTS), metavar="PLACEMENT",
+                       help=f"norm placements to train (default the claim's: "
+                            f"{' '.join(PLACEMENTS)}; any of {', '.join(NORM_PLACEMENTS)})")
+
+    args = parse_experiment_args("python -m eval.norms", __doc__,
+                                 "depth 2, one lr, 6 and 12 steps", argv, seeds=True,
+                                 more_arguments=more)
+    run(args.quick, args.out, args.work, args.seeds, tuple(args.placements))
 
 
 if __name__ == "__main__":

@@ -204,6 +204,12 @@ def trained(val_loss: float | None) -> bool:
     return val_loss is not None and math.isfinite(val_loss) and val_loss < UNIGRAM_LOSS
 
 
+def _failed_share(grid, placement: str) -> float:
+    """The share of `placement`'s grid runs (every cell, every seed) that did not train."""
+    runs = [v for seeds in grid[placement].values() for v in seeds]
+    return float(np.mean([not trained(v) for v in runs]))
+
+
 def norms(grid: Mapping[str, Mapping[tuple[float, int], Sequence[float | None]]],
           long: Mapping[str, Sequence[float | None]],
           regime: Mapping[str, Sequence[float | None]] | None = None) -> Verdict:
@@ -223,10 +229,6 @@ def norms(grid: Mapping[str, Mapping[tuple[float, int], Sequence[float | None]]]
     def all_train(runs):
         return all(trained(v) for v in runs)
 
-    def failed_share(placement):
-        runs = [v for seeds in grid[placement].values() for v in seeds]
-        return np.mean([not trained(v) for v in runs])
-
     pre = grid["pre"]
     warm_lrs = {lr for (lr, warmup), seeds in pre.items() if warmup > 0 and all_train(seeds)}
     where = long if regime is None else regime
@@ -234,12 +236,31 @@ def norms(grid: Mapping[str, Mapping[tuple[float, int], Sequence[float | None]]]
     return combine({
         "pre-LN trains without warmup": _holds(
             bool(warm_lrs) and all(all_train(pre[(lr, 0)]) for lr in warm_lrs)),
-        "post-LN is unstable": _holds(failed_share("post") > failed_share("pre")),
+        "post-LN is unstable": _holds(_failed_share(grid, "post") > _failed_share(grid, "pre")),
         "post-LN can end better": _holds(both_train and difference(where["post"],
                                                                      where["pre"]).sign < 0),
-        "DeepNorm fixes post-LN": _holds(failed_share("deepnorm") < failed_share("post")
-                                         and all_train(long["deepnorm"])),
+        "DeepNorm fixes post-LN": _holds(
+            _failed_share(grid, "deepnorm") < _failed_share(grid, "post")
+            and all_train(long["deepnorm"])),
     }, min_for_part=NORMS_MIN_PARTS)
+
+
+def breaks_tradeoff(grid: Mapping[str, Mapping[tuple[float, int], Sequence[float | None]]],
+                    long: Mapping[str, Sequence[float | None]], variant: str) -> str:
+    """Does `variant` (DeepNorm, Double Norm, ...; in `grid` and `long` beside "pre" and, where
+    trained in the same run, "post", as for `norms`) break the pre/post-LN trade-off: no larger
+    share of its grid runs fails than of pre-LN's (as stable), and its long runs all train and
+    end no higher, by the seed rule, than the lower of pre- and post-LN among those whose long
+    runs all train."""
+    if "pre" not in grid or "pre" not in long:
+        raise ValueError(f"{variant} is judged against pre-LN's runs of the same code: "
+                         f"train 'pre' beside it (got {sorted(long)})")
+    trains = [p for p in ("pre", "post") if p in long and all(trained(v) for v in long[p])]
+    if not trains or not all(trained(v) for v in long[variant]):
+        return FAILS
+    best = min(trains, key=lambda p: mean_sd(long[p])[0])
+    return _holds(_failed_share(grid, variant) <= _failed_share(grid, "pre")
+                  and difference(long[variant], long[best]).sign <= 0)
 
 
 # ---------------------------------------------------------------------------- 5. KV cache

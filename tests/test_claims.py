@@ -252,3 +252,34 @@ def test_regime_text_gives_post_minus_pre_at_every_cell_where_both_trained():
                                 "warmups": [0, 500], "chosen": {"lr": 3e-4, "warmup": 0},
                                 "arms": one_seed})
     assert text.endswith("post − pre +0.100 (one seed: no spread to judge it by).")
+
+
+def test_a_variant_run_is_judged_beside_the_claim_and_must_share_its_settings(tmp_path):
+    """`eval.norms --placements pre double` writes norms_variant_pre_double.json: claim 4's
+    table gains Double Norm's rows, the text says whether it breaks the trade-off against that
+    run's own pre-LN, the verdict stays the claim's."""
+    out = tmp_path / "results"
+    shutil.copytree(RESULTS, out, ignore=shutil.ignore_patterns("quick", "REPORT.md",
+                                                                "norms_variant_*"))
+    claim = next(c for c in claims.CLAIMS if c.render is claims.render_norms)
+    before = dict(claims.sections(out))[claim]
+    norms = json.loads((out / "norms.json").read_text())
+    # pre-LN's runs twice, one copy relabelled: as stable and as low, so it breaks the trade-off
+    pre = [r for r in norms["runs"] if r["placement"] == "pre"]
+    variant = {**norms, "command": "python -m eval.norms --placements pre double",
+               "runs": pre + [{**r, "placement": "double"} for r in pre],
+               "long_runs": {"pre": norms["long_runs"]["pre"],
+                             "double": norms["long_runs"]["pre"]}}
+    path = out / "norms_variant_pre_double.json"
+    path.write_text(json.dumps(variant))
+    shutil.copy(out / "norms.png", path.with_suffix(".png"))
+    section = dict(claims.sections(out))[claim]
+    assert section.verdict == before.verdict
+    assert "DeepNorm does not hold (" in section.why
+    assert ("Double Norm holds (2 of 6 short runs failed" in section.why
+            and "against `python -m eval.norms --placements pre double`'s own pre-LN runs (2 "
+                "short runs failed" in section.why and "post-LN not rerun there" in section.why)
+    assert section.table.count("| double |") == 3  # two warmups and the long runs
+    path.write_text(json.dumps({**variant, "train": {**variant["train"], "max_steps": 100}}))
+    with pytest.raises(ValueError, match="norms_variant_pre_double.json was trained at other"):
+        claims.sections(out)

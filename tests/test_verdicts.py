@@ -163,6 +163,48 @@ def test_norms_rule_parts_kill_the_comparison_mutants():
         "post-LN can end better": HOLDS, "DeepNorm fixes post-LN": FAILS}
 
 
+def _with_variant(grid, variant_cells_trained: int):
+    """`_grid(True, False, True)` plus "double", training in the first n of its 4 cells."""
+    cells = list(grid["pre"])
+    up = v.UNIGRAM_LOSS + 0.1
+    return {**grid, "double": {c: _losses(5.5 if i < variant_cells_trained else up)
+                               for i, c in enumerate(cells)}}
+
+
+@pytest.mark.parametrize("cells, long, expected", [
+    (4, {"double": _losses(5.2)}, HOLDS),  # as stable as pre-LN, as low as the best
+    (4, {"double": _losses(5.0)}, HOLDS),  # lower
+    (3, {"double": _losses(5.0)}, FAILS),  # one cell fails that pre-LN trains in
+    (4, {"double": _losses(5.4)}, FAILS),  # ends higher than pre-LN
+    (4, {"double": [5.0, None, 5.0]}, FAILS),  # a long run diverged
+    # post-LN trains and ends lowest: the variant must match post-LN, not pre-LN
+    (4, {"post": _losses(4.8), "double": _losses(5.0)}, FAILS),
+    (4, {"post": _losses(4.8), "double": _losses(4.8)}, HOLDS),
+    (4, {"post": _losses(v.UNIGRAM_LOSS), "double": _losses(5.2)}, HOLDS),  # post untrained
+])
+def test_breaks_tradeoff_rule(cells, long, expected):
+    grid = _with_variant(_grid(True, False, True), cells)
+    runs = {"pre": _losses(5.2), "post": _losses(6.6), "deepnorm": _losses(5.1), **long}
+    assert v.breaks_tradeoff(grid, runs, "double") == expected
+
+
+def test_breaks_tradeoff_without_post_ln_compares_with_pre_ln_and_needs_it():
+    grid = _with_variant(_grid(True, False, True), 4)
+    grid = {p: grid[p] for p in ("pre", "double")}
+    assert v.breaks_tradeoff(grid, {"pre": _losses(5.2), "double": _losses(5.2)},
+                             "double") == HOLDS
+    assert v.breaks_tradeoff(grid, {"pre": _losses(5.2), "double": _losses(5.4)},
+                             "double") == FAILS
+    with pytest.raises(ValueError, match=r"train 'pre' beside it \(got \['double'\]\)"):
+        v.breaks_tradeoff({"double": grid["double"]}, {"double": _losses(5.2)}, "double")
+
+
+def test_breaks_tradeoff_allows_an_equal_failure_share():
+    grid = _with_variant(_grid(False, False, True), 3)  # pre-LN fails 1 of 4 cells, so does it
+    runs = {"pre": _losses(5.2), "post": _losses(6.6), "double": _losses(5.2)}
+    assert v.breaks_tradeoff(grid, runs, "double") == HOLDS
+
+
 @pytest.mark.parametrize("loss, expected", [
     (v.UNIGRAM_LOSS - 1e-9, True), (v.UNIGRAM_LOSS, False), (None, False),
     (math.inf, False), (math.nan, False)])
