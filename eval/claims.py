@@ -129,7 +129,7 @@ def render_positions(results: dict[str, dict]) -> Section:
         rows.append([scheme, f"{run['position_params']:,}", _fmt_losses(per_seed(run), 4),
                      _f(run.get("mean_loss_first_T")),
                      "cannot (no embedding past T)" if beyond is None else _f(beyond)])
-    v = r["verdict"]
+    v = r["summary"]
     pen = v["extrapolation_penalty"]
     learned, sinusoidal, rope = (per_seed(r["runs"][s])
                                  for s in ("learned", "sinusoidal", "rope"))
@@ -158,7 +158,7 @@ def render_tying(results: dict[str, dict]) -> Section:
     rows = [[t["preset"], f"{t['tied']:,}", f"{t['untied']:,}",
              f"{t['wte_share_tied_pct']:.1f}%", f"{t['saved_by_tying_pct']:.1f}%"]
             for t in r["table"]]
-    v = r["verdict"]
+    v = r["summary"]
     small, xl = v["gpt2_wte_share_pct"], v["gpt2-xl_wte_share_pct"]
     verdict = rules.tying(small, xl)
     runs = r["runs"]
@@ -211,7 +211,7 @@ def _grid_rows(grid: dict, long: dict, lrs: list[float], long_label: str,
 
 def render_norms(results: dict[str, dict]) -> Section:
     r = results["norms.json"]
-    v = r["verdict"]
+    v = r["summary"]
     lrs = sorted({run["lr"] for run in r["runs"]})
     long_label = f"50 ({r['long_steps']} steps, lr 1e-3)"
     grid, long = _grid_and_long(r)
@@ -374,7 +374,7 @@ def render_kv(results: dict[str, dict | DecodeResult]) -> Section:
            f"{g.example.length}-token example runs {g.example.speedup:.2f}× faster with the "
            f"cache; the per-token speed-up is in the {lo}–{hi}× band at "
            + (f"T = {', '.join(map(str, in_band))}. " if in_band else "no length measured. ")
-           + q["verdict"]["summary"])
+           + q["summary"]["text"])
     how = (f"Decode speed with and without the cache, {d.preset} shape, against Hugging "
            f"Face in the same run (`eval.bench_decode`); the time per generated token against "
            f"the sequence's length, with and without the cache, fitted as a + b·T, and the "

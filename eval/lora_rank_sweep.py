@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 
-from eval import verdicts
 from eval.common import (
     parse_experiment_args,
     save_figure,
@@ -140,7 +139,7 @@ def base_val_loss(base: str, data: Path, block_size: int) -> float:
     return nll
 
 
-def verdict(runs: list[dict], base_loss: float) -> dict:
+def summary(runs: list[dict], base_loss: float) -> dict:
     """Numbers that decide the claim: the spread of final val loss across ranks per method,
     whether it falls with rank, and the ‖ΔW‖ ratio from the lowest rank to the highest."""
     out = {}
@@ -158,8 +157,6 @@ def verdict(runs: list[dict], base_loss: float) -> dict:
         }
     lora_val, rs_val = (out[m]["val_loss_by_rank"] for m in METHODS)
     out["rslora_minus_lora_val_at_high_rank"] = rs_val[ranks[-1]] - lora_val[ranks[-1]]
-    by = {m: {r["rank"]: per_seed(r) for r in runs if r["method"] == m} for m in METHODS}
-    out["verdict"] = verdicts.lora_vs_rslora(by["lora"], by["rslora"]).outcome
     return out
 
 
@@ -230,7 +227,7 @@ def run(quick: bool, out: Path, work: Path, base: str | None = None, seeds: int 
     result = {
         "command": f"python -m eval.lora_rank_sweep{' --quick' if quick else ''}",
         "plan": dataclasses.asdict(plan), "base": base, "base_val_loss": base_loss,
-        "block_size": block, "runs": runs, "verdict": verdict(runs, base_loss),
+        "block_size": block, "runs": runs, "summary": summary(runs, base_loss),
         "wall_s": time.perf_counter() - t0,
     }
     out.mkdir(parents=True, exist_ok=True)

@@ -156,14 +156,14 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1,
         "init_grad_norms": {str(d): v for d, v in grads.items()}, "grad_width": width,
         "train": {k: v for k, v in base.to_dict().items() if k not in ("out", "data")},
         "runs": [strip(r) for r in runs], "long_steps": base.max_steps * factor,
-        "long_runs": long_runs, "verdict": verdict(grads, runs, long_runs),
+        "long_runs": long_runs, "summary": summary(grads, runs, long_runs),
     }
     path = write_json(out / result_name(placements), result)
     plot(result, path.with_suffix(".png"))
     return result
 
 
-def verdict(grads: dict, runs: list[dict], long_runs: dict) -> dict:
+def summary(grads: dict, runs: list[dict], long_runs: dict) -> dict:
     placements = list(long_runs)
     deepest = grads[max(grads)]
     growth = {init: {p: last_over_rest(by[p]) for p in placements}

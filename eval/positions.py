@@ -102,14 +102,14 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
         "command": f"python -m eval.positions{' --quick' if quick else ''}",
         "train": {k: v for k, v in base.to_dict().items() if k not in ("out", "data")},
         "block_size": T, "tokens_per_run": base.max_steps * base.tokens_per_step,
-        "runs": rows, "verdict": verdict(rows),
+        "runs": rows, "summary": summary(rows),
     }
     write_json(out / "positions.json", result)
     plot(result, out / "positions.png")
     return result
 
 
-def verdict(rows: dict) -> dict:
+def summary(rows: dict) -> dict:
     best = min(rows, key=lambda s: rows[s]["val_loss"])
     vals = {s: rows[s]["val_loss"] for s in rows}
     rope_beyond = rows["rope"].get("mean_loss_beyond_T")

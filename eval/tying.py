@@ -67,7 +67,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
         "command": f"python -m eval.tying{' --quick' if quick else ''}",
         "table": table, "runs": runs,
         "tokens_per_run": base.max_steps * base.tokens_per_step,
-        "verdict": {
+        "summary": {
             "gpt2_wte_share_pct": by["gpt2"]["wte_share_tied_pct"],
             "gpt2-xl_wte_share_pct": by["gpt2-xl"]["wte_share_tied_pct"],
             "baby_val_untied_minus_tied": runs["untied"]["val_loss"] - runs["tied"]["val_loss"],

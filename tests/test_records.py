@@ -95,3 +95,23 @@ def test_recorded_commands_name_repository_paths_relative_to_it():
     assert common.command_line("eval.bench_decode", argv) == (
         "python -m eval.bench_decode --json eval/results/bench_decode.json --lengths 64 "
         "/elsewhere/x")
+
+
+def _keys(tree):
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            yield k
+            yield from _keys(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _keys(v)
+
+
+def test_no_result_stores_a_verdict():
+    """Verdicts exist only as eval/verdicts.py computes them from the numbers, where shown: a
+    stored one outlives the rule that gave it."""
+    import json
+
+    stored = {p.name for p in RESULTS.glob("*.json")
+              if "verdict" in set(_keys(json.loads(p.read_text())))}
+    assert not stored, f"{sorted(stored)} store a 'verdict': store the numbers, not the outcome"
