@@ -267,6 +267,12 @@ class Machine:
         return cls(**machine())
 
 
+def provenance(code: str) -> dict:
+    """What every experiment's JSON records beside its numbers: the host, and the code its runs
+    trained (`code_hash()`, taken when the experiment started)."""
+    return {"machine": dataclasses.asdict(Machine.current()), "code": code}
+
+
 def command_line(module: str, argv: Iterable[str]) -> str:
     """`python -m module argv...` as a record keeps it: paths inside the repository relative to
     its root, so the command reads the same on every checkout."""

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from eval import verdicts
+from eval import common, verdicts
 from eval.common import (
     parse_experiment_args,
     perplexity,
@@ -199,6 +199,7 @@ def model_under_test(quick: bool, ckpt: str | None, work: Path) -> str:
 
 
 def run(quick: bool, out: Path, work: Path, ckpt: str | None = None) -> dict:
+    code = common.code_hash()  # at the start: the model under test is trained by this code
     ckpt = model_under_test(quick, ckpt, work)
     config, params = sources.load_checkpoint(ckpt)
     T, d = config.block_size, config.head_dim
@@ -238,6 +239,7 @@ def run(quick: bool, out: Path, work: Path, ckpt: str | None = None) -> dict:
         row["delta_loss_pct"] = 100 * (row["val_loss"] / fp32["val_loss"] - 1)
         row["compression_vs_fp16"] = fp16_bytes / row["cache_bytes"]
     result = {
+        **common.provenance(code),
         "command": f"python -m eval.kv_quant{' --quick' if quick else ''}"
                    f"{f' --ckpt {ckpt}' if ckpt else ''}",
         "model": config.to_dict(), "checkpoint": str(ckpt), "scored_tokens": int(reference.size),

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval import common
 from eval.common import (
     parse_experiment_args,
     save_figure,
@@ -207,6 +208,7 @@ def plot(runs: list[dict], base_loss: float, path: Path, title: str) -> None:
 
 def run(quick: bool, out: Path, work: Path, base: str | None = None, seeds: int = 1) -> dict:
     plan = QUICK if quick else FULL
+    code = common.code_hash()  # at the start: the runs train this code
     t0 = time.perf_counter()
     base_text, finetune_text = split_text(work)
     block = train_config.preset("shakespeare").model.replace(**plan.base_model).block_size
@@ -225,6 +227,7 @@ def run(quick: bool, out: Path, work: Path, base: str | None = None, seeds: int 
         tqdm.write(f"{method:7s} r={rank:<4d} val {runs[-1]['val_loss']:.4f} "
                    f"‖ΔW‖ {runs[-1]['delta_norm']:.3f} ({runs[-1]['wall_s']:.0f} s)")
     result = {
+        **common.provenance(code),
         "command": f"python -m eval.lora_rank_sweep{' --quick' if quick else ''}",
         "plan": dataclasses.asdict(plan), "base": base, "base_val_loss": base_loss,
         "block_size": block, "runs": runs, "summary": summary(runs, base_loss),

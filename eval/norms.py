@@ -23,7 +23,6 @@ Writes norms.json and norms.png (norms_variant_P.json / .png with --placements).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import jax
@@ -31,9 +30,9 @@ import numpy as np
 
 from eval.common import (
     SEEDS,
-    Machine,
     code_hash,
     parse_experiment_args,
+    provenance,
     save_figure,
     shakespeare_data,
     trailing_mean,
@@ -152,7 +151,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1,
         "command": f"python -m eval.norms{' --quick' if quick else ''}"
                    f"{f' --seeds {seeds}' if seeds != (1 if quick else SEEDS) else ''}"
                    + ("" if placements == PLACEMENTS else f" --placements {' '.join(placements)}"),
-        "machine": dataclasses.asdict(Machine.current()), "code": code,
+        **provenance(code),
         "init_grad_norms": {str(d): v for d, v in grads.items()}, "grad_width": width,
         "train": {k: v for k, v in base.to_dict().items() if k not in ("out", "data")},
         "runs": [strip(r) for r in runs], "long_steps": base.max_steps * factor,

@@ -36,7 +36,9 @@ import orbax.checkpoint as ocp
 
 from eval.common import (
     SEEDS,
+    code_hash,
     parse_experiment_args,
+    provenance,
     save_figure,
     shakespeare_data,
     trailing_mean,
@@ -101,6 +103,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
     """Search every (lr, warmup) in `cells` (default: lrs × warmups) at `depth` layers;
     `probes`: per-layer gradient norms over the chosen cell's first seeds (a run each)."""
     json_name = result_name(depth)  # --quick trains the toy's depth, under the same name
+    code = code_hash()  # at the start: the runs train this code
     data = shakespeare_data(work)
     base = recipe(quick, data)
     if quick:  # the setting of `eval.norms --quick`'s grid: its runs are reused by name
@@ -156,6 +159,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int, lrs=LRS, warmups=WARMUPS
                     cfg, work, name(placement, lr, warmup))
             print(f"{placement:<8} {seeds} seeds: {row['val_losses']}", flush=True)
     result = {
+        **provenance(code),
         "command": "python -m eval.norms_regime" + (" --quick" if quick else "") + command,
         "depth": depth, "steps": steps, "lrs": lrs, "warmups": warmups,
         "cells": [list(cell) for cell in cells],

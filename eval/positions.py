@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval import common
 from eval.common import (
     experiment_main,
     save_figure,
@@ -71,6 +72,7 @@ def loss_by_position(params, config: GPTConfig, tokens: np.ndarray, length: int,
 
 
 def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
+    code = common.code_hash()  # at the start: the runs train this code
     data = shakespeare_data(work)
     base = recipe(quick, data)
     T = base.model.block_size
@@ -99,6 +101,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
             row["mean_loss_first_T"] = float(beyond[: T - 1].mean())
             row["mean_loss_beyond_T"] = float(beyond[T:].mean())
     result = {
+        **common.provenance(code),
         "command": f"python -m eval.positions{' --quick' if quick else ''}",
         "train": {k: v for k, v in base.to_dict().items() if k not in ("out", "data")},
         "block_size": T, "tokens_per_run": base.max_steps * base.tokens_per_step,

@@ -260,6 +260,7 @@ def main(argv=None):
               f"{', '.join(map(str, paths))}")
         return
     quick = dict(max_tokens=512, new_tokens=8, n_prompts=2) if args.quick else {}
+    code = common.code_hash()  # at the start: the models under test are trained by this code
     with tempfile.TemporaryDirectory() as tmp:
         if args.ckpt or args.quick:
             if args.ckpt:
@@ -286,7 +287,7 @@ def main(argv=None):
                                  "wall_s": float(np.mean([t["wall_s"] for t in trained])),
                                  "per_seed": trained}
             result["per_seed"] = seed_results
-    result["model"] = config.to_dict()
+    result.update(common.provenance(code), model=config.to_dict())
     result["command"] = ("python -m eval.quantization" + (" --quick" if args.quick else "")
                          + (f" --ckpt {args.ckpt}" if args.ckpt else "")
                          + (f" --seeds {args.seeds}" if not (args.ckpt or args.quick) else "")

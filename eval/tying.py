@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from eval import common
 from eval.common import (
     experiment_main,
     save_figure,
@@ -46,6 +47,7 @@ def parameter_table() -> list[dict]:
 
 
 def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
+    code = common.code_hash()  # at the start: the runs train this code
     table = parameter_table()
     for r in table:
         print(f"{r['preset']:<12} tied {r['tied']:>13,}  untied {r['untied']:>13,}  "
@@ -64,6 +66,7 @@ def run(quick: bool, out: Path, work: Path, seeds: int = 1) -> dict:
         print(f"{name:<7} {row['params']:>12,} params  val {row['val_loss']:.4f}")
     by = {r["preset"]: r for r in table}
     result = {
+        **common.provenance(code),
         "command": f"python -m eval.tying{' --quick' if quick else ''}",
         "table": table, "runs": runs,
         "tokens_per_run": base.max_steps * base.tokens_per_step,

@@ -45,8 +45,9 @@ def test_quick_report_has_six_sections_with_numbers_plots_and_verdicts(tmp_path)
     report = (out / "REPORT.md").read_text()
     _check_report(report, out)
     for claim in claims.CLAIMS:
-        for _, json_name in claim.experiments:
-            assert isinstance(json.loads((out / json_name).read_text()), dict)
+        for _, json_name in claim.experiments:  # every record names its host and code
+            record = json.loads((out / json_name).read_text())
+            assert record["code"] == code_hash() and record["machine"]["cores"] >= 1, json_name
     assert "Smoke test" in report  # a quick report says what it is
 
 
