@@ -75,6 +75,14 @@ def shakespeare_data(work: str | Path) -> Path:
     return resolve_data(recipe.replace(out=str(work)))
 
 
+def unigram_val_loss(train_tokens, val_tokens, vocab_size: int, add: float = 1.0) -> float:
+    """Val cross-entropy (nats) of the train split's unigram model with add-`add` smoothing
+    over the whole vocabulary (add-one: Laplace's, nothing tuned on val): the loss a model
+    reaches by learning token frequencies alone, so below it a run has learned context."""
+    counts = np.bincount(np.asarray(train_tokens), minlength=vocab_size) + add
+    return float(-np.log(counts[np.asarray(val_tokens)] / counts.sum()).mean())
+
+
 def train_variant(cfg: train_config.TrainConfig, work: str | Path, name: str,
                   summarize: Callable[[Path], dict] | None = None) -> dict:
     """Train `cfg` (its `out` replaced by a folder under work/ named after `name` and

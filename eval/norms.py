@@ -39,7 +39,7 @@ from eval.common import (
     train_seeds,
     write_json,
 )
-from eval.verdicts import UNIGRAM_LOSS, per_seed
+from eval.verdicts import UNIGRAM_LOSS, per_seed, trained
 from gpt2jax.config import NORM_PLACEMENTS, GPTConfig
 from gpt2jax.model import init_params
 from train import TrainConfig
@@ -174,11 +174,11 @@ def summary(grads: dict, runs: list[dict], long_runs: dict) -> dict:
         ok = [r for r in runs if r["placement"] == placement and not r["diverged"]]
         best[placement] = min((r["val_loss"] for r in ok), default=None)
     failed = {p: [f"lr {r['lr']:g} warmup {r['warmup']}" for r in runs
-                  if r["placement"] == p and (r["diverged"] or r["val_loss"] > UNIGRAM_LOSS)]
+                  if r["placement"] == p and (r["diverged"] or not trained(r["val_loss"]))]
               for p in placements}
     long_val = {p: None if r["diverged"] else r["val_loss"] for p, r in long_runs.items()}
     return {"grad_last_over_rest_deepest": growth, "grad_first_over_rest_gpt2_init": first,
-            "best_val_loss": best,
+            "best_val_loss": best, "unigram_loss": UNIGRAM_LOSS,
             "failed_runs": failed, "long_val_loss": long_val,
             "diverged_runs": sum(v is None for r in runs for v in per_seed(r))}
 

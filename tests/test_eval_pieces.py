@@ -166,3 +166,17 @@ def test_compile_profile_measures_the_flags_this_suite_runs_under():
     if conftest.SUITE_XLA_FLAGS is None:
         pytest.skip("XLA_FLAGS was set by the caller, not by the suite")
     assert conftest.SUITE_XLA_FLAGS in FLAG_SETS.values()
+
+
+def test_the_trained_threshold_is_the_data_s_add_one_unigram_loss(tmp_path):
+    from eval.common import shakespeare_data, unigram_val_loss
+    from eval.verdicts import UNIGRAM_LOSS
+    from train import data as data_lib
+
+    data = shakespeare_data(tmp_path)
+    train, val = (np.asarray(data_lib.load_split(data, s)) for s in ("train", "val"))
+    assert round(unigram_val_loss(train, val, 50257), 4) == UNIGRAM_LOSS
+    # smoothing is a choice: the best add-k is lower, the rule says which one it uses
+    assert unigram_val_loss(train, val, 50257, add=0.1) < UNIGRAM_LOSS - 0.05
+    # and some is needed: 2% of val tokens never occur in train
+    assert unigram_val_loss(train, val, 50257, add=1e-9) > UNIGRAM_LOSS + 0.3
