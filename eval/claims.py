@@ -278,9 +278,11 @@ def _tradeoff_text(grid: dict, long: dict, depth: int, variants: list) -> str:
 
     found = [judged(grid, long, "deepnorm")]
     for command, vgrid, vlong in variants:
-        pre_failed = sum(not rules.trained(x) for seeds in vgrid["pre"].values() for x in seeds)
+        pre = [x for seeds in vgrid["pre"].values() for x in seeds]
+        pre_failed = sum(not rules.trained(x) for x in pre)
         found += [judged(vgrid, vlong, p) + f" against `{command}`'s own pre-LN runs "
-                  f"({pre_failed} short runs failed; long runs {_fmt_losses(vlong['pre'])})"
+                  f"({pre_failed} of {len(pre)} short runs failed; long runs "
+                  f"{_fmt_losses(vlong['pre'])})"
                   + ("" if "post" in vlong else ", post-LN not rerun there")
                   for p in vlong if p not in ("pre", "post")]
     return (f"Outside the verdict, at {depth} layers: does a variant break the trade-off (no "
@@ -328,13 +330,13 @@ def _layer_grads_text(search: dict) -> str:
     probes = {p: arm["layer_grads"] for p, arm in search["arms"].items() if "layer_grads" in arm}
     if not probes:
         return ""
-    names = PLACEMENT_NAMES
     spreads = []
     for placement, probe in probes.items():
         norms = [max(n) / min(n) for n in probe["norms"]]
         last = probe["norms"][-1]
-        spreads.append(f"{names[placement]} {norms[0]:.1f} → {max(norms):.1f} (largest) → "
-                       f"{norms[-1]:.1f}, largest at the end in layer {last.index(max(last))}")
+        spreads.append(f"{PLACEMENT_NAMES[placement]} {norms[0]:.1f} → {max(norms):.1f} "
+                       f"(largest) → {norms[-1]:.1f}, largest at the end in layer "
+                       f"{last.index(max(last))}")
     same = all(abs(probe["val_loss"] - search["arms"][p]["val_losses"][0]) < 1e-6
                for p, probe in probes.items())
     steps = next(iter(probes.values()))["steps"]

@@ -277,9 +277,9 @@ def test_a_variant_run_is_judged_beside_the_claim_and_must_share_its_settings(tm
     section = dict(claims.sections(out))[claim]
     assert section.verdict == before.verdict
     assert "DeepNorm does not hold (" in section.why
-    assert ("Double Norm holds (2 of 6 short runs failed" in section.why
-            and "against `python -m eval.norms --placements pre double`'s own pre-LN runs (2 "
-                "short runs failed" in section.why and "post-LN not rerun there" in section.why)
+    assert "Double Norm holds (2 of 6 short runs failed" in section.why
+    assert ("against `python -m eval.norms --placements pre double`'s own pre-LN runs (2 of 6 "
+            "short runs failed" in section.why and "post-LN not rerun there" in section.why)
     assert section.table.count("| double |") == 3  # two warmups and the long runs
     path.write_text(json.dumps({**variant, "train": {**variant["train"], "max_steps": 100}}))
     with pytest.raises(ValueError, match="norms_variant_pre_double.json was trained at other"):
