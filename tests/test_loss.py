@@ -42,6 +42,22 @@ def test_value_and_gradient_equal_optax(n_tokens, chunk):
     np.testing.assert_allclose(dh3, 3.0 * dh, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("n_tokens,chunk", [(48, 4096), (50, 16)])
+def test_the_no_gradient_path_gives_the_same_loss(n_tokens, chunk):
+    """Called without a gradient (evaluation), the loss runs its own primal scan, which
+    computes no [chunk, vocab] gradient block: it must weight the pad rows out too."""
+    k1, k2, k3 = jax.random.split(jax.random.key(4), 3)
+    h = jax.random.normal(k1, (n_tokens, 32))
+    head = jax.random.normal(k2, (1000, 32)) * 0.5
+    labels = jax.random.randint(k3, (n_tokens,), 0, 1000)
+    plain = jax.jit(lambda h: loss_lib.head_cross_entropy(h, head, labels, chunk=chunk))(h)
+    with_grad, _ = jax.value_and_grad(
+        lambda h: loss_lib.head_cross_entropy(h, head, labels, chunk=chunk))(h)
+    reference = _reference(h, head, labels)
+    assert abs(float(plain - reference)) <= 1e-6 * abs(float(reference))
+    assert abs(float(plain - with_grad)) <= 1e-6 * abs(float(reference))
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_train_loss_equals_logits_path(tie):
     """The train step's loss (hidden states + fused head) equals the logits path's, and so do
