@@ -29,11 +29,27 @@ from train.launch import launch, process_env
 from train.launch import main as launch_main
 
 # 2 x 2 devices and 1 x 4 sum the same gradients in another order (gloo across processes):
-# losses agree to 1e-5 as the issue asks (measured 9.5e-7) and params to PARAM_ATOL. The largest
-# param gap is the key third of c_attn's bias, whose gradient is exactly 0 in exact arithmetic
-# (softmax ignores a constant added to every key): Adam scales its rounding noise (~1e-10) up
-# to steps of up to lr * noise / eps ~ 1e-4 (measured 5.8e-6); every other leaf is within 1.1e-6.
-PARAM_ATOL = 1e-4
+# losses agree to 1e-5 (measured 9.5e-7), params per leaf to the bounds below. The largest gap
+# is the key third of c_attn's bias, whose gradient is exactly 0 in exact arithmetic (softmax
+# ignores a constant added to every key): Adam scales its rounding noise (~1e-10) up to steps
+# of up to lr * noise / eps ~ 1e-4 (measured 5.8e-6); every other value is within 1.1e-6.
+KEY_BIAS_ATOL = 1e-4
+PARAM_ATOL = 1e-5
+
+
+def _assert_params_match(run, reference):
+    """Every leaf within PARAM_ATOL, except the key third of each c_attn bias (KEY_BIAS_ATOL)."""
+    got, want = (ckpt_lib.load(r)[1] for r in (run, reference))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want),
+                            strict=True):
+        name = jax.tree_util.keystr(path)
+        a, b = np.asarray(a), np.asarray(b)
+        if name.endswith("['c_attn']['bias']"):
+            D = a.shape[-1] // 3
+            np.testing.assert_allclose(a[D:2 * D], b[D:2 * D], atol=KEY_BIAS_ATOL, rtol=0,
+                                       err_msg=name)
+            a, b = np.delete(a, np.s_[D:2 * D]), np.delete(b, np.s_[D:2 * D])
+        np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=0, err_msg=name)
 
 
 def _env(devices: int | None = None) -> dict:
@@ -62,10 +78,6 @@ def _losses(run) -> list[float]:
     lines = (Path(run) / "metrics.jsonl").read_text().splitlines()
     records = [json.loads(line) for line in lines]
     return [r["loss"] for r in records if "loss" in r]
-
-
-def _params(run) -> list[np.ndarray]:
-    return jax.tree.leaves(ckpt_lib.load(run)[1])
 
 
 def _rewind(run, dest, step: int):
@@ -168,8 +180,7 @@ def test_fsdp_checkpoint_of_two_processes_resumes_in_one(reference, tmp_path, mo
 
     # ... and training goes on to where the uninterrupted 1-process run ended.
     assert _losses(run) == pytest.approx(_losses(reference.out), abs=1e-5)
-    for a, b in zip(_params(run), _params(reference.out), strict=True):
-        np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=0)
+    _assert_params_match(run, reference.out)
 
 
 def test_one_process_checkpoint_resumes_in_two_and_only_process_0_reports(reference, tmp_path):
@@ -181,8 +192,7 @@ def test_one_process_checkpoint_resumes_in_two_and_only_process_0_reports(refere
     assert "val loss" not in (tmp_path / "logs" / "process-1.log").read_text()
     assert ckpt_lib.Checkpointer(run / "checkpoints").steps() == [3, 5]
     assert _losses(run) == pytest.approx(_losses(reference.out), abs=1e-5)
-    for a, b in zip(_params(run), _params(reference.out), strict=True):
-        np.testing.assert_allclose(a, b, atol=PARAM_ATOL, rtol=0)
+    _assert_params_match(run, reference.out)
 
 
 def test_killing_one_process_stops_the_job_and_keeps_the_newest_checkpoint(reference,
