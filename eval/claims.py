@@ -29,6 +29,7 @@ from eval.common import README, RESULTS, read_record, write_readme_block
 from eval.decode_growth import GrowthResult
 from eval.decode_growth import table as growth_table
 from eval.verdicts import Verdict, fmt_seeds, per_seed
+from train import TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +187,9 @@ def _variant_runs(r: dict, results: dict[str, dict]) -> list[tuple[str, dict, di
     found = []
     for name in sorted(n for n in results if n.startswith("norms_variant_")):
         extra = results[name]
-        if extra["train"] != r["train"] or extra["long_steps"] != r["long_steps"]:
+        # as configs: a field added since (at its default) is no other setting
+        same = TrainConfig.from_dict(extra["train"]) == TrainConfig.from_dict(r["train"])
+        if not same or extra["long_steps"] != r["long_steps"]:
             raise ValueError(f"{name} was trained at other settings than norms.json: rerun "
                              f"`{extra['command']}` on the same recipe")
         found.append((extra["command"], *_grid_and_long(extra)))
