@@ -134,15 +134,18 @@ def render_positions(results: dict[str, dict]) -> Section:
     pen = v["extrapolation_penalty"]
     learned, sinusoidal, rope = (per_seed(r["runs"][s])
                                  for s in ("learned", "sinusoidal", "rope"))
-    verdict = rules.positions(learned, rope, [pen["rope"]])
+    verdict = rules.positions(learned, sinusoidal, rope, [pen["rope"]])
     gap = rules.difference(rope, learned)
+    gap_sin = rules.difference(rope, sinusoidal)
     why = (f"Same {r['tokens_per_run']:,} tokens: val loss learned {_fmt_losses(learned)}, "
            f"sinusoidal {_fmt_losses(sinusoidal)}, RoPE {_fmt_losses(rope)} (RoPE − learned "
-           f"{gap.delta:+.4f}, margin {gap.margin:.4f}); learned positions cost "
+           f"{gap.delta:+.4f}, margin {gap.margin:.4f}; RoPE − sinusoidal {gap_sin.delta:+.4f}, "
+           f"margin {gap_sin.margin:.4f}); learned positions cost "
            f"{r['runs']['learned']['position_params']:,} parameters, the others none. On "
            f"windows of 2T = {2 * T} tokens, the loss at positions past T rises by "
            f"{pen['rope']:+.3f} (RoPE) and {pen['sinusoidal']:+.3f} (sinusoidal) over the "
-           f"first T; learned positions cannot be run there at all.")
+           f"second half of the first T (the first seed's model); learned positions cannot be "
+           f"run there at all.")
     how = (f"The same model trained three times, changing only `pos_embedding`, "
            f"on Tiny Shakespeare at context T = {T}; val loss on the whole val split, and "
            f"loss by token position on val windows of 2T.")

@@ -164,14 +164,16 @@ def lora_vs_rslora(lora: Mapping[int, Sequence[float]],
 EXTRAPOLATION_TOLERANCE = 0.1  # nats: RoPE "runs past" T if its loss there rises less
 
 
-def positions(learned: Sequence[float], rope: Sequence[float],
+def positions(learned: Sequence[float], sinusoidal: Sequence[float], rope: Sequence[float],
               rope_penalty: Sequence[float]) -> Verdict:
-    """Val losses of learned and RoPE positions (per seed) and RoPE's loss past the training
-    context minus its loss within it. Parts: RoPE is not worse than learned; RoPE runs past
-    the context (learned cannot run there at all) without its loss rising by more than
-    EXTRAPOLATION_TOLERANCE."""
+    """Val losses of learned, sinusoidal and RoPE positions (per seed) and RoPE's loss past the
+    training context minus its loss over the context's second half (the first positions' high
+    loss left out). Parts: RoPE is better than both others by the seed rule (a tie is not
+    "better"); RoPE runs past the context (learned cannot run there at all) without its loss
+    rising by more than EXTRAPOLATION_TOLERANCE."""
     return combine({
-        "RoPE learns at least as well as learned": _holds(difference(rope, learned).sign <= 0),
+        "RoPE learns better than learned and sinusoidal": _holds(
+            difference(rope, learned).sign < 0 and difference(rope, sinusoidal).sign < 0),
         "RoPE runs past the context": _holds(
             mean_sd(rope_penalty)[0] < EXTRAPOLATION_TOLERANCE),
     })
@@ -379,8 +381,9 @@ RULES = {
              "lowest rank (differences beyond the seed margin, at least "
              f"{LOSS_FLOOR} nats); in part if some but not all hold, at least one of them an "
              "rsLoRA part"),
-    "positions": (f"holds if RoPE's val loss is not above learned positions' and its loss past "
-                  f"the training context rises by less than {EXTRAPOLATION_TOLERANCE} nats; in "
+    "positions": (f"holds if RoPE's val loss is below both learned and sinusoidal positions' "
+                  f"by the seed rule and its loss past the training context rises by less "
+                  f"than {EXTRAPOLATION_TOLERANCE} nats over the context's second half; in "
                   f"part if one of the two holds"),
     "tying": (f"holds if the token embedding is {TYING_SMALL_BAND[0]:g}–{TYING_SMALL_BAND[1]:g}% "
               f"of GPT-2 small and under {TYING_LARGE_MAX}% of GPT-2 XL (1.56B); a share outside "

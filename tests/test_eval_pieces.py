@@ -180,3 +180,15 @@ def test_the_trained_threshold_is_the_data_s_add_one_unigram_loss(tmp_path):
     assert unigram_val_loss(train, val, 50257, add=0.1) < UNIGRAM_LOSS - 0.05
     # and some is needed: 2% of val tokens never occur in train
     assert unigram_val_loss(train, val, 50257, add=1e-9) > UNIGRAM_LOSS + 0.3
+
+
+def test_extrapolation_penalty_is_measured_against_the_context_s_second_half():
+    from eval.positions import extrapolation_penalty
+
+    T = 8
+    # positions 1..2T-1: a high-loss start, 5.0 over the rest of the context, 5.2 past it
+    curve = [9.0, 7.0, 6.0, 5.5] + [5.0] * (T - 5) + [5.2] * T
+    assert len(curve) == 2 * T - 1
+    assert extrapolation_penalty(curve, T) == pytest.approx(0.2)
+    # against the whole context the start would hide the rise
+    assert np.mean(curve[T:]) - np.mean(curve[: T - 1]) < 0

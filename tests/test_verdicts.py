@@ -86,11 +86,16 @@ def test_lora_rule(rs_high, lora_high, expected):
     assert v.lora_vs_rslora(lora, rslora).outcome == expected
 
 
-@pytest.mark.parametrize("rope, penalty, expected", [
-    (5.4, 0.03, HOLDS), (5.6, 0.03, HOLDS),  # better, or within the seed margin
-    (5.8, 0.03, PART), (5.4, 0.5, PART), (5.8, 0.5, FAILS)])
-def test_positions_rule(rope, penalty, expected):
-    assert v.positions(_losses(5.61), _losses(rope), [penalty]).outcome == expected
+@pytest.mark.parametrize("rope, sinusoidal, penalty, expected", [
+    (5.4, 5.9, 0.03, HOLDS),  # better than both
+    (5.6, 5.9, 0.03, PART),  # within learned's seed margin: a tie is not "better"
+    (5.4, 5.4, 0.03, PART),  # tied with sinusoidal
+    (5.8, 5.9, 0.03, PART), (5.4, 5.9, 0.5, PART), (5.8, 5.9, 0.5, FAILS),
+    (5.4, 5.9, v.EXTRAPOLATION_TOLERANCE, PART),  # the rise must stay under the tolerance
+])
+def test_positions_rule(rope, sinusoidal, penalty, expected):
+    verdict = v.positions(_losses(5.61), _losses(sinusoidal), _losses(rope), [penalty])
+    assert verdict.outcome == expected
 
 
 @pytest.mark.parametrize("small, xl, expected", [
