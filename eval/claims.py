@@ -28,6 +28,7 @@ from eval.bench_serve import ServeResult
 from eval.common import README, RESULTS, read_record, write_readme_block
 from eval.decode_growth import GrowthResult
 from eval.decode_growth import table as growth_table
+from eval.kv_quant import summary as kv_quant_summary
 from eval.verdicts import Verdict, fmt_seeds, per_seed
 from train import TrainConfig
 
@@ -382,7 +383,7 @@ def render_kv(results: dict[str, dict | DecodeResult]) -> Section:
            f"{g.example.length}-token example runs {g.example.speedup:.2f}× faster with the "
            f"cache; the per-token speed-up is in the {lo}–{hi}× band at "
            + (f"T = {', '.join(map(str, in_band))}. " if in_band else "no length measured. ")
-           + q["summary"]["text"])
+           + kv_quant_summary(q)["text"])
     how = (f"Decode speed with and without the cache, {d.preset} shape, against Hugging "
            f"Face in the same run (`eval.bench_decode`); the time per generated token against "
            f"the sequence's length, with and without the cache, fitted as a + b·T, and the "

@@ -274,11 +274,16 @@ CACHE_SPEEDUP_BAND = (1.5, 2.5)  # "around 2× overall"
 TQ_COMPRESSION_MIN, TQ_COMPRESSION_MAX = 5.0, 6.0  # "5–6× smaller", norms counted, vs fp16
 TQ_SETTING = "tq3-mse"  # "at about 3 bits per value": the 3-bit TurboQuant_mse cache
 ZERO_LOSS_PCT = 0.1  # "zero accuracy loss": val loss within 0.1%...
-ZERO_LOSS_GREEDY = 0.99  # ...and 99% of greedy tokens equal to the float cache's
+# ...and at least as many greedy tokens equal to the float32 cache's as the bfloat16 cache
+# keeps: 200 free-running tokens drift apart on any rounding (bfloat16 keeps 95.5%), so a fixed
+# 99% would call a plain half-precision cache lossy too
+ZERO_LOSS_REFERENCE = "bfloat16"
 
 
-def lossless(row: Mapping) -> bool:
-    return row["delta_loss_pct"] < ZERO_LOSS_PCT and row["greedy_match"] >= ZERO_LOSS_GREEDY
+def lossless(row: Mapping, reference_greedy: float) -> bool:
+    """Within ZERO_LOSS_PCT of float32's val loss, and greedy agreement with the float32 cache
+    no lower than `reference_greedy` (the ZERO_LOSS_REFERENCE cache's)."""
+    return row["delta_loss_pct"] < ZERO_LOSS_PCT and row["greedy_match"] >= reference_greedy
 
 
 def turboquant(rows: Mapping[str, Mapping]) -> Verdict:
@@ -289,7 +294,8 @@ def turboquant(rows: Mapping[str, Mapping]) -> Verdict:
     ratio = three["compression_vs_fp16"]
     return combine({
         "5–6× smaller at 3 bits": in_band(ratio, TQ_COMPRESSION_MIN, TQ_COMPRESSION_MAX),
-        "zero accuracy loss at 3 bits": _holds(lossless(three)),
+        "zero accuracy loss at 3 bits": _holds(
+            lossless(three, rows[ZERO_LOSS_REFERENCE]["greedy_match"])),
     })
 
 
@@ -403,7 +409,7 @@ RULES = {
            f"recomputing (total O(T) against O(T²)), and {TQ_SETTING} is "
            f"{TQ_COMPRESSION_MIN:g}–{TQ_COMPRESSION_MAX:g}× smaller than float16 with norms "
            f"counted, within {ZERO_LOSS_PCT}% loss and "
-           f"{100 * ZERO_LOSS_GREEDY:.0f}% greedy agreement; in part if some parts hold"),
+           f"the {ZERO_LOSS_REFERENCE} cache's greedy agreement; in part if some parts hold"),
     "int8": (f"holds if the norms' int8 saving is under {NORM_SAVING_MAX_PCT}% of the int8 "
              f"model's bytes and quantizing them to int8 (one scale per γ and per β vector) "
              f"raises val loss over skipping them, paired by seed, by more than "

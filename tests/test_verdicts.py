@@ -225,10 +225,16 @@ def test_tying_rule_at_its_band_edges(small, xl, parts):
 
 
 @pytest.mark.parametrize("delta_pct, greedy, expected", [
-    (v.ZERO_LOSS_PCT - 1e-9, v.ZERO_LOSS_GREEDY, True), (v.ZERO_LOSS_PCT, 1.0, False),
-    (0.0, v.ZERO_LOSS_GREEDY - 1e-9, False)])
+    (v.ZERO_LOSS_PCT - 1e-9, 0.955, True), (v.ZERO_LOSS_PCT, 1.0, False),
+    (0.0, 0.955 - 1e-9, False)])
 def test_zero_loss_at_its_two_boundaries(delta_pct, greedy, expected):
-    assert v.lossless({"delta_loss_pct": delta_pct, "greedy_match": greedy}) is expected
+    assert v.ZERO_LOSS_REFERENCE == "bfloat16"
+    assert v.lossless({"delta_loss_pct": delta_pct, "greedy_match": greedy}, 0.955) is expected
+
+
+def test_zero_loss_takes_the_bfloat16_cache_s_agreement_as_its_bar():
+    assert v.turboquant(_tq(5.5, greedy=0.96, bf16_greedy=0.955)).outcome == HOLDS
+    assert v.turboquant(_tq(5.5, greedy=0.96, bf16_greedy=0.97)).outcome == PART
 
 
 def test_turboquant_rule_reads_only_its_setting_and_int8_saving_boundary():
@@ -244,9 +250,10 @@ def test_turboquant_rule_reads_only_its_setting_and_int8_saving_boundary():
     assert (saving(999), saving(1_000)) == (HOLDS, FAILS)  # under 1% of the int8 bytes
 
 
-def _tq(ratio, delta_pct=0.01, greedy=1.0):
+def _tq(ratio, delta_pct=0.01, greedy=1.0, bf16_greedy=0.955):
     return {v.TQ_SETTING: {"compression_vs_fp16": ratio, "delta_loss_pct": delta_pct,
-                           "greedy_match": greedy}}
+                           "greedy_match": greedy},
+            v.ZERO_LOSS_REFERENCE: {"greedy_match": bf16_greedy}}
 
 
 def test_turboquant_rule_counts_five_to_six_times_with_norms():
