@@ -274,21 +274,21 @@ def summary(result: dict) -> dict:
     within = (f"{verdicts.ZERO_LOSS_PCT:g}% loss and the {verdicts.ZERO_LOSS_REFERENCE} "
               f"cache's {bar:.1%} greedy agreement")
     text = (f"At 3 bits (mse keys, {three['key_bits']:g} bits per value with the norm) "
-               f"the cache is {three['compression_vs_fp16']:.1f}× smaller than a float16 "
-               f"cache, val loss moves {three['delta_loss_pct']:+.2f}% and "
-               f"{100 * three['greedy_match']:.0f}% of {result['new_tokens']} greedy tokens "
-               f"match the float cache. ")
+            f"the cache is {three['compression_vs_fp16']:.1f}× smaller than a float16 "
+            f"cache, val loss moves {three['delta_loss_pct']:+.2f}% and "
+            f"{100 * three['greedy_match']:.0f}% of {result['new_tokens']} greedy tokens "
+            f"match the float cache. ")
     if best:
         text += (f"The smallest cache within {within} is {best[0]} "
-                    f"({best[1]['compression_vs_fp16']:.1f}× vs float16). ")
+                 f"({best[1]['compression_vs_fp16']:.1f}× vs float16). ")
     else:
         text += f"No TurboQuant setting stayed within {within}. "
     split_wins = {}
     for split, plain in _splits(rows):
         split_wins[split] = rows[split]["score_rel_rmse"] < rows[plain]["score_rel_rmse"]
         text += (f"{split} (outliers chosen per head from the prompt) scores "
-                    f"{rows[split]['score_rel_rmse']:.3f} rel. RMSE against {plain}'s "
-                    f"{rows[plain]['score_rel_rmse']:.3f}. ")
+                 f"{rows[split]['score_rel_rmse']:.3f} rel. RMSE against {plain}'s "
+                 f"{rows[plain]['score_rel_rmse']:.3f}. ")
     return {"text": text.strip(), "split_beats_lower_rate": split_wins}
 
 

@@ -14,9 +14,10 @@ claims both.
 The grid (2) is a search, one seed per cell; the comparison (3) is repeated at --seeds seeds
 (default 3), whose first seed is the grid's run of that setting when the steps match.
 
---placements P ...: the same experiment for other placements (e.g. `double`, the Sandwich-LN
-/ Peri-LN block), written to norms_variant_P.json beside the claim's; the claims report compares
-them with norms.json's pre- and post-LN runs (does the variant break the trade-off?).
+--placements P ...: the same experiment for other placements (e.g. `pre double`: Double Norm,
+the Sandwich-LN / Peri-LN block, beside pre-LN on the same code), written to
+norms_variant_P.json beside the claim's; the claims report judges each variant against the pre-
+(and post-) LN runs of its own file: does it break the trade-off?
 
 Writes norms.json and norms.png (norms_variant_P.json / .png with --placements).
 """
@@ -47,14 +48,15 @@ from train import data as data_lib
 from train.step import token_losses
 
 PLACEMENTS = ("pre", "post", "deepnorm")  # the claim's three: norms.json
+LRS = (3e-4, 1e-3, 3e-3)
+LONG = {"lr": 1e-3, "warmup_steps": 50, "steps_factor": 5}
 
 
 def result_name(placements: tuple[str, ...]) -> str:
+    """norms.json for the claim's placements, norms_variant_<placements>.json for others."""
     if placements == PLACEMENTS:
         return "norms.json"
     return f"norms_variant_{'_'.join(placements)}.json"
-LRS = (3e-4, 1e-3, 3e-3)
-LONG = {"lr": 1e-3, "warmup_steps": 50, "steps_factor": 5}
 
 
 def init_grad_norms(depth: int, n_embd: int, tokens: np.ndarray, block: int,
